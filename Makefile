@@ -1,0 +1,32 @@
+# Glowing: `make help` lists the targets.
+PY        ?= python3
+VENV      ?= .venv
+PYTHON    := $(VENV)/bin/python
+PRESET    ?= cpu
+ARTIFACTS ?= artifacts
+# The shared data folder where it exists; otherwise the training code falls back to the hub.
+DATA_DIR  ?= $(if $(wildcard ../shared/data/imdb),../shared/data,)
+TRAIN_ARGS ?=
+
+.PHONY: help install test models clean-models
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## create .venv: torch==2.13.0 first, then the project with its dev extras
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[cpu,dev]"
+	touch $@
+
+test: install  ## run the test suite (offline, tiny models)
+	$(PYTHON) -m pytest -q
+
+models: install  ## train every model into $(ARTIFACTS)/ (PRESET=tiny|cpu|gpu, DATA_DIR=...)
+	$(PYTHON) -m training --preset $(PRESET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(ARTIFACTS) $(TRAIN_ARGS)
+
+clean-models:  ## delete $(ARTIFACTS)/
+	rm -rf $(ARTIFACTS)

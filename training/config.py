@@ -1,0 +1,245 @@
+"""Typed pipeline configuration: presets are short TOML files, any value overridable.
+
+    cfg = load_config("cpu", overrides=["lm.n_layer=4", "classifier.epochs=2"])
+
+Errors name the preset, the key or the ``--set`` flag at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SCRATCH = "scratch"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    val_fraction: float = 0.1  # share of IMDB train held out for validation and early stopping
+    max_train: int = 0  # cap on IMDB train reviews used (0 = all); smoke runs only
+    max_unsup: int = 0  # cap on IMDB unsup reviews used for LM pretraining (0 = all)
+    max_test: int = 0  # cap on IMDB test reviews evaluated (0 = all 25,000); smoke runs only
+
+    def validate(self) -> None:
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
+        for name in ("max_train", "max_unsup", "max_test"):
+            _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 means all)")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192  # byte-level BPE vocabulary, special tokens included
+    min_frequency: int = 2  # a merge must occur this often
+    max_texts: int = 0  # reviews used to learn merges (0 = all of train+unsup)
+
+    def validate(self) -> None:
+        _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + merges)")
+        _check(self.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
+
+
+@dataclass
+class LMConfig:
+    init: str = SCRATCH  # "scratch" to pretrain on IMDB, or a hub id / local dir (e.g. "gpt2")
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 512  # longest context the model (and the service) can use
+    block_size: int = 256  # training sequence length
+    batch_size: int = 16
+    steps: int = 300  # optimizer steps of pretraining (0 = keep the initial weights)
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        _validate_model("lm", self)
+        _check(self.block_size <= self.n_positions, "lm.block_size", "must be <= lm.n_positions")
+        _check(self.steps >= 0, "lm.steps", "must be >= 0")
+
+
+@dataclass
+class GeneratorConfig:
+    block_size: int = 256
+    batch_size: int = 16
+    steps: int = 200  # fine-tuning steps on positive training reviews
+    lr: float = 5e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+
+    def validate(self) -> None:
+        _check(self.block_size >= 8, "generator.block_size", "must be >= 8")
+        _check(self.batch_size >= 1, "generator.batch_size", "must be >= 1")
+        _check(self.steps >= 1, "generator.steps", "must be >= 1")
+        _check(self.lr > 0, "generator.lr", "must be > 0")
+
+
+@dataclass
+class ClassifierConfig:
+    init: str = SCRATCH  # "scratch", "lm" (ULMFiT: start from the LM body) or a hub id / local dir
+    n_layer: int = 2  # architecture when init = "scratch" (a GPT-2 shape)
+    n_embd: int = 128
+    n_head: int = 4
+    dropout: float = 0.1
+    max_length: int = 512  # tokens per review; longer reviews are truncated
+    batch_size: int = 32
+    epochs: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+
+    def validate(self) -> None:
+        if self.init == SCRATCH:
+            _validate_model("classifier", self)
+        _check(self.max_length >= 8, "classifier.max_length", "must be >= 8")
+        _check(self.batch_size >= 1, "classifier.batch_size", "must be >= 1")
+        _check(self.epochs >= 1, "classifier.epochs", "must be >= 1")
+        _check(self.lr > 0, "classifier.lr", "must be > 0")
+
+
+@dataclass
+class BaselineConfig:
+    ngram_max: int = 2  # word n-grams 1..ngram_max
+    min_df: int = 2
+    max_features: int = 0  # 0 = no cap
+    C: float = 4.0  # inverse regularisation strength of the logistic regression
+
+    def validate(self) -> None:
+        _check(self.ngram_max >= 1, "baseline.ngram_max", "must be >= 1")
+        _check(self.C > 0, "baseline.C", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64  # scoring batch
+    ppl_reviews: int = 1000  # positive IMDB test reviews for perplexity (0 = all 12,500)
+    n_samples: int = 100  # generated reviews per prompt set
+    prompt: str = "This movie"
+    prefix_min_tokens: int = 2
+    prefix_max_tokens: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.95
+    gen_batch_size: int = 50
+
+    def validate(self) -> None:
+        _check(self.n_samples >= 1, "eval.n_samples", "must be >= 1")
+        _check(1 <= self.prefix_min_tokens <= self.prefix_max_tokens, "eval.prefix_min_tokens",
+               "must be >= 1 and <= eval.prefix_max_tokens")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "eval.top_k", "must be >= 0 (0 disables top-k)")
+
+
+@dataclass
+class Config:
+    preset: str = "cpu"
+    seed: int = 1337
+    threads: int = 0  # torch intra-op threads (0 = torch's default: all cores)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        _check(self.lm.n_positions >= self.generator.block_size, "generator.block_size",
+               "must be <= lm.n_positions")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("data", "tokenizer", "lm", "generator", "classifier", "baseline", "eval")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message} (set it with --set {key}=VALUE)")
+
+
+def _validate_model(section: str, cfg: Any) -> None:
+    _check(cfg.n_layer >= 1, f"{section}.n_layer", "must be >= 1")
+    _check(cfg.n_head >= 1, f"{section}.n_head", "must be >= 1")
+    _check(cfg.n_embd % cfg.n_head == 0, f"{section}.n_embd", f"must be divisible by {section}.n_head")
+    _check(0.0 <= cfg.dropout < 1.0, f"{section}.dropout", "must be in [0, 1)")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_config(preset: str, overrides: list[str] | None = None) -> Config:
+    """A preset name (or a path to a TOML file), then ``section.key=value`` overrides."""
+    path = Path(preset)
+    if not (path.suffix == ".toml" and path.exists()):
+        path = PRESET_DIR / f"{preset}.toml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(available_presets())} "
+                              "or give the path of a .toml file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML ({err})") from err
+    cfg = Config(preset=path.stem)
+    _apply(cfg, raw, origin=str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set lm.n_layer=4")
+        _set(cfg, key.strip(), _parse_value(value.strip()), origin=f"--set {item}")
+    return cfg.validate()
+
+
+def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> None:
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                _set(cfg, f"{key}.{sub}", subvalue, origin)
+        else:
+            _set(cfg, key, value, origin)
+
+
+def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        if part not in SECTIONS or target is not cfg:
+            raise ConfigError(f"{origin}: unknown config section {part!r} in {dotted!r} "
+                              f"(sections: {', '.join(SECTIONS)})")
+        target = getattr(target, part)
+    name = parts[-1]
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if name not in fields or (target is cfg and name in SECTIONS) or name == "preset":
+        where = f"section {parts[-2]!r}" if len(parts) > 1 else "the top level"
+        known = ", ".join(n for n in fields if n not in SECTIONS and n != "preset")
+        raise ConfigError(f"{origin}: unknown config key {dotted!r} in {where} (known: {known})")
+    expected = type(getattr(target, name))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"{origin}: {dotted} must be a {expected.__name__}, got {value!r}")
+    setattr(target, name, value)
+
+
+def _parse_value(text: str) -> Any:
+    """TOML literal syntax (``4``, ``1e-3``, ``true``, ``"gpt2"``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,206 @@
+"""The pipeline: stages in order, each skipped when its outputs exist and are up to date.
+
+A stage writes into a temporary folder and replaces its output folder only on success, so a
+failure leaves earlier outputs intact. A stage's fingerprint covers its config section, the
+data checksums and its inputs' fingerprints: change one and that stage and those after it rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glowing import artifacts as A
+from training.config import SCRATCH, Config
+from training.data import Split, data_files, load_split, train_val_split
+
+log = logging.getLogger(__name__)
+
+STAGES = ("tokenizer", "lm", "generator", "classifier", "baseline", "eval-classifier", "eval-generator")
+OUTPUT = {"tokenizer": A.TOKENIZER, "lm": A.LM, "generator": A.GENERATOR, "classifier": A.CLASSIFIER,
+          "baseline": A.BASELINE, "eval-classifier": f"{A.REPORTS}/classifier",
+          "eval-generator": f"{A.REPORTS}/generator"}
+STAGE_RECORD = "stage.json"
+PACKAGES = ("torch", "transformers", "tokenizers", "scikit-learn", "numpy", "optimum", "onnx", "onnxruntime",
+            "bentoml", "pydantic")
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def inputs_of(stage: str, cfg: Config) -> list[str]:
+    return {
+        "tokenizer": [],
+        "lm": ["tokenizer"],
+        "generator": ["lm"],
+        "classifier": ["tokenizer"] + (["lm"] if cfg.classifier.init == "lm" else []),
+        "baseline": [],
+        "eval-classifier": ["classifier", "baseline"],
+        "eval-generator": ["generator", "classifier", "baseline"],
+    }[stage]
+
+
+def config_of(stage: str, cfg: Config) -> dict[str, Any]:
+    d = cfg.to_dict()
+    common = {"seed": cfg.seed, "data": d["data"]}
+    return common | {
+        "tokenizer": {"tokenizer": d["tokenizer"], "lm.init": cfg.lm.init},
+        "lm": {"lm": d["lm"]},
+        "generator": {"generator": d["generator"]},
+        "classifier": {"classifier": d["classifier"]},
+        "baseline": {"baseline": d["baseline"]},
+        "eval-classifier": {"batch_size": cfg.eval.batch_size},
+        "eval-generator": {"eval": d["eval"]},
+    }[stage]
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, out: str | Path, data_dir: str | Path | None):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.data_dir = Path(data_dir) if data_dir else None
+        self._splits: dict[str, Split] = {}
+
+    # ---- data -----------------------------------------------------------------------------
+    def split(self, key: str) -> Split:
+        if key not in self._splits:
+            dataset, name = key.split("/")
+            self._splits[key] = load_split(self.data_dir, dataset, name, self.cfg.seed)
+        return self._splits[key]
+
+    @cached_property
+    def train_val(self) -> tuple[Split, Split]:
+        train = self.split("imdb/train").head(self.cfg.data.max_train)
+        return train_val_split(train, self.cfg.data.val_fraction, self.cfg.seed)
+
+    @property
+    def fit(self) -> Split:
+        return self.train_val[0]
+
+    @property
+    def val(self) -> Split:
+        return self.train_val[1]
+
+    @cached_property
+    def unsup(self) -> Split:
+        return self.split("imdb/unsup").head(self.cfg.data.max_unsup)
+
+    @cached_property
+    def imdb_test(self) -> Split:
+        return self.split("imdb/test").head(self.cfg.data.max_test)
+
+    @cached_property
+    def checksums(self) -> dict[str, str]:
+        if self.data_dir is None:
+            return {"source": "huggingface hub"}
+        return {name: A.sha256_file(path) for name, path in data_files(self.data_dir).items() if path.exists()}
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+    def path(self, stage: str) -> Path:
+        return self.out / OUTPUT[stage]
+
+    def record(self, stage: str) -> dict | None:
+        path = self.path(stage) / STAGE_RECORD
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def fingerprint(self, stage: str) -> str:
+        upstream = {}
+        for dep in inputs_of(stage, self.cfg):
+            rec = self.record(dep)
+            if rec is None:
+                raise StageError(f"stage {stage!r} needs the output of stage {dep!r}, which is missing in "
+                                 f"{self.path(dep)}: run `python -m training --stages {dep} --out {self.out}` "
+                                 "(or the whole pipeline) first")
+            upstream[dep] = rec["fingerprint"]
+        payload = {"config": config_of(stage, self.cfg), "data": self.checksums, "inputs": upstream}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def write_header(self) -> None:
+        versions = {}
+        for name in PACKAGES:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                pass
+        self.out.mkdir(parents=True, exist_ok=True)
+        A.write_json_atomic(self.out / A.CONFIG, self.cfg.to_dict())
+        manifest = A.read_manifest(self.out)
+        manifest.update({
+            "preset": self.cfg.preset,
+            "config": self.cfg.to_dict(),
+            "versions": {"python": platform.python_version(), **versions},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "data": {"dir": str(self.data_dir) if self.data_dir else None, "sha256": self.checksums},
+        })
+        A.write_json_atomic(self.out / A.MANIFEST, manifest)
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self, stages: list[str], force: bool = False) -> dict[str, Any]:
+        self.write_header()
+        for stage in stages:
+            self.run_stage(stage, force)
+        return A.read_manifest(self.out)
+
+    def run_stage(self, stage: str, force: bool) -> None:
+        from training import stages as S
+
+        fingerprint = self.fingerprint(stage)
+        rec = self.record(stage)
+        if rec and rec["fingerprint"] == fingerprint and not force:
+            log.info("stage %-15s up to date (%s), skipped; --force reruns it", stage, self.path(stage))
+            return
+        if rec and not force:
+            log.info("stage %-15s inputs or config changed since the last run: rerunning", stage)
+        log.info("stage %-15s starts -> %s", stage, self.path(stage))
+        final = self.path(stage)
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        started = time.perf_counter()
+        try:
+            patch = getattr(S, stage.replace("-", "_"))(self, tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.error("stage %s failed; earlier outputs in %s are untouched", stage, self.out)
+            raise
+        seconds = time.perf_counter() - started
+        A.write_json_atomic(tmp / STAGE_RECORD, {
+            "stage": stage, "fingerprint": fingerprint, "seconds": round(seconds, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        A.update_manifest(self.out, {"stages": {stage: {"seconds": round(seconds, 2), "fingerprint": fingerprint}},
+                                     **patch})
+        log.info("stage %-15s done in %.1f s", stage, seconds)
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+__all__ = ["Pipeline", "STAGES", "StageError", "SCRATCH", "to_jsonable"]

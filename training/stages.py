@@ -1,0 +1,174 @@
+"""One function per pipeline stage: ``stage(pipeline, out_dir) -> manifest patch``.
+
+Each reads its inputs from ``pipeline.out`` (earlier stages) and writes only into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glowing import artifacts as A
+from training import baseline as baseline_mod
+from training import classifier as clf
+from training import evaluate as ev
+from training import lm as lm_mod
+from training import tokenizer as tok_mod
+from training.config import SCRATCH
+from training.pipeline import Pipeline, to_jsonable
+
+log = logging.getLogger(__name__)
+
+
+def _seed(p: Pipeline, offset: int = 0) -> None:
+    torch.manual_seed(p.cfg.seed + offset)
+    if p.cfg.threads:
+        torch.set_num_threads(p.cfg.threads)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer(p: Pipeline, out: Path) -> dict:
+    cfg = p.cfg
+    if cfg.lm.init != SCRATCH:
+        tok = tok_mod.load_pretrained_tokenizer(cfg.lm.init)
+        source = cfg.lm.init
+    else:
+        texts = p.fit.texts + p.unsup.texts
+        if cfg.tokenizer.max_texts:
+            texts = texts[: cfg.tokenizer.max_texts]
+        log.info("training byte-level BPE (vocab %d) on %d reviews", cfg.tokenizer.vocab_size, len(texts))
+        tok = tok_mod.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        source = "imdb train+unsup"
+    tok_mod.save(tok, out)
+    return {"models": {"tokenizer": {"source": source, "vocab_size": len(tok)}}}
+
+
+def _lm_summary(model, result: lm_mod.TrainResult, val_loss: float, source: str) -> dict:
+    return {"source": source, "parameters": sum(x.numel() for x in model.parameters()),
+            "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+            "n_positions": model.config.n_positions, "steps": result.steps, "train_tokens": result.tokens,
+            "first_loss": result.first_loss, "last_loss": result.last_loss, "val_loss": val_loss,
+            "val_perplexity": float(np.exp(val_loss)), "train_seconds": round(result.seconds, 1)}
+
+
+def lm(p: Pipeline, out: Path) -> dict:
+    cfg = p.cfg.lm
+    _seed(p)
+    tok = _load_tokenizer(p.path("tokenizer"))
+    model = lm_mod.build_lm(cfg, tok)
+    texts = p.fit.texts + p.unsup.texts
+    order = np.random.default_rng(p.cfg.seed).permutation(len(texts))
+    texts = [texts[i] for i in order]
+    budget = cfg.steps * cfg.batch_size * cfg.block_size
+    blocks = lm_mod.pack_blocks(tok, texts, cfg.block_size, max_tokens=int(budget * 1.05) + cfg.block_size)
+    val_blocks = lm_mod.pack_blocks(tok, p.val.texts, cfg.block_size, max_tokens=64 * cfg.block_size)
+    log.info("lm: %s, %.2fM parameters, %d steps x %d x %d tokens (%d distinct blocks)",
+             cfg.init, sum(x.numel() for x in model.parameters()) / 1e6, cfg.steps, cfg.batch_size,
+             cfg.block_size, len(blocks))
+    result = lm_mod.train_lm(model, blocks, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                             warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed, stage="lm")
+    val_loss = lm_mod.mean_loss(model, val_blocks)
+    log.info("lm: train loss %.3f -> %.3f, held-out loss %.3f", result.first_loss, result.last_loss, val_loss)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"models": {"lm": _lm_summary(model, result, val_loss, cfg.init)}}
+
+
+def generator(p: Pipeline, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    cfg, ev_cfg = p.cfg.generator, p.cfg.eval
+    _seed(p, 1)
+    tok = _load_tokenizer(p.path("lm"))
+    model = AutoModelForCausalLM.from_pretrained(p.path("lm"))
+    positives = p.fit.where(1).texts
+    val_positives = p.val.where(1).texts
+    budget = cfg.steps * cfg.batch_size * cfg.block_size
+    blocks = lm_mod.pack_blocks(tok, positives, cfg.block_size, max_tokens=int(budget * 1.05) + cfg.block_size)
+    val_blocks = lm_mod.pack_blocks(tok, val_positives, cfg.block_size, max_tokens=64 * cfg.block_size)
+    before = lm_mod.mean_loss(model, val_blocks)
+    result = lm_mod.train_lm(model, blocks, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                             warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed + 1,
+                             stage="generator")
+    val_loss = lm_mod.mean_loss(model, val_blocks)
+    log.info("generator: held-out positive loss %.3f -> %.3f", before, val_loss)
+    model.generation_config = GenerationConfig(
+        do_sample=True, max_new_tokens=ev_cfg.max_new_tokens, temperature=ev_cfg.temperature,
+        top_k=ev_cfg.top_k, top_p=ev_cfg.top_p, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    tok.padding_side = "left"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    summary = _lm_summary(model, result, val_loss, "lm fine-tuned on positive IMDB train reviews")
+    summary["val_loss_before"] = before
+    return {"models": {"generator": summary}}
+
+
+def classifier(p: Pipeline, out: Path) -> dict:
+    cfg = p.cfg.classifier
+    _seed(p, 2)
+    model, tok = clf.build_classifier(cfg, p.path("tokenizer"), p.path("lm"))
+    n_params = sum(x.numel() for x in model.parameters())
+    log.info("classifier: init=%s, %.2fM parameters, %d training reviews, max_length %d",
+             cfg.init, n_params / 1e6, len(p.fit), cfg.max_length)
+    result = clf.train_classifier(model, tok, cfg, p.fit.texts, p.fit.labels, p.val.texts, p.val.labels, p.cfg.seed)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "max_length.txt").write_text(f"{cfg.max_length}\n")
+    return {"models": {"classifier": {"source": cfg.init, "architecture": model.config.architectures[0]
+                                      if model.config.architectures else type(model).__name__,
+                                      "parameters": n_params, "max_length": cfg.max_length,
+                                      "epochs": result.epochs, "best_epoch": result.best_epoch,
+                                      "val_accuracy": result.best_val_accuracy,
+                                      "train_seconds": round(result.seconds, 1)}}}
+
+
+def baseline(p: Pipeline, out: Path) -> dict:
+    pipe = baseline_mod.train_baseline(p.cfg.baseline, p.fit.texts, p.fit.labels)
+    val_acc = float(np.mean((baseline_mod.predict_proba(pipe, p.val.texts) >= 0.5) == (p.val.labels == 1)))
+    log.info("baseline: validation accuracy %.4f", val_acc)
+    baseline_mod.save(pipe, out / A.BASELINE_FILE)
+    return {"models": {"baseline": {"features": len(pipe[0].vocabulary_), "val_accuracy": val_acc}}}
+
+
+def _load_classifier(p: Pipeline):
+    from transformers import AutoModelForSequenceClassification
+
+    path = p.path("classifier")
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = _load_tokenizer(path)
+    tok.padding_side = "right"
+    return model, tok, int((path / "max_length.txt").read_text())
+
+
+def eval_classifier(p: Pipeline, out: Path) -> dict:
+    model, tok, max_length = _load_classifier(p)
+    judge = baseline_mod.load(p.path("baseline") / A.BASELINE_FILE)
+    report = ev.evaluate_classifier(model, tok, max_length, judge,
+                                    {"imdb_test": p.imdb_test, "sst2_validation": p.split("sst2/validation")},
+                                    p.cfg.eval.batch_size, out)
+    A.write_json_atomic(out / "classifier.json", to_jsonable(report))
+    headline = {m: {k: {x: v[x] for x in ev.HEADLINE} for k, v in report[m].items()} for m in report}
+    return {"metrics": headline}
+
+
+def eval_generator(p: Pipeline, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    _seed(p, 3)
+    gen = AutoModelForCausalLM.from_pretrained(p.path("generator")).eval()
+    gen_tok = _load_tokenizer(p.path("generator"))
+    model, tok, max_length = _load_classifier(p)
+    judge = baseline_mod.load(p.path("baseline") / A.BASELINE_FILE)
+    report = ev.evaluate_generator(gen, gen_tok, model, tok, max_length, judge, p.imdb_test.where(1).texts,
+                                   p.imdb_test.texts, p.cfg.eval, p.cfg.seed, out)
+    A.write_json_atomic(out / "generator.json", to_jsonable(report))
+    return {"metrics": {"generator": to_jsonable(report)}}
