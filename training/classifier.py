@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glowing.text import LABELS, normalize
+from training import device as dev
 from training.config import SCRATCH, ClassifierConfig
 from training.optim import adamw, check_finite, warmup_cosine
 
@@ -126,10 +127,12 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     ids = encode(tokenizer, texts, max_length)
     out = np.empty(len(texts), dtype=np.float64)
     batches = length_batches([len(x) for x in ids], batch_size, None)
+    device = dev.of(model)
     for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
         input_ids, mask = collate([ids[i] for i in batch], tokenizer.pad_token_id)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        out[batch] = torch.softmax(logits, dim=-1)[:, LABEL2ID["positive"]].numpy()
+        with dev.autocast(device):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        out[batch] = torch.softmax(logits, dim=-1)[:, LABEL2ID["positive"]].cpu().numpy()
     return out
 
 
@@ -144,6 +147,7 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     schedule = warmup_cosine(optimizer, cfg.warmup_steps, total)
     labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    device = dev.of(model)
     result, best_state, step = ClassifierResult(), None, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -152,7 +156,9 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
                    unit="batch")
         for batch in bar:
             input_ids, mask = collate([ids[i] for i in batch], tokenizer.pad_token_id)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels[batch]).loss
+            with dev.autocast(device):
+                loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             labels=labels[batch].to(device)).loss
             losses.append(check_finite(loss, "classifier", step))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

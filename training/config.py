@@ -146,6 +146,7 @@ class Config:
     preset: str = "cpu"
     seed: int = 1337
     threads: int = 0  # torch intra-op threads (0 = torch's default: all cores)
+    device: str = "auto"  # "auto" (CUDA when torch sees a GPU), "cpu" or "cuda"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -157,6 +158,7 @@ class Config:
     def validate(self) -> Config:
         for section in SECTIONS:
             getattr(self, section).validate()
+        _check(self.device in ("auto", "cpu", "cuda"), "device", 'must be "auto", "cpu" or "cuda"')
         _check(self.lm.n_positions >= self.generator.block_size, "generator.block_size",
                "must be <= lm.n_positions")
         return self
@@ -225,7 +227,7 @@ def _set(cfg: Config, dotted: str, value: Any, origin: str) -> None:
         target = getattr(target, part)
     name = parts[-1]
     fields = {f.name: f for f in dataclasses.fields(target)}
-    if name not in fields or (target is cfg and name in SECTIONS) or name == "preset":
+    if name not in fields or (target is cfg and name in SECTIONS) or (target is cfg and name == "preset"):
         where = f"section {parts[-2]!r}" if len(parts) > 1 else "the top level"
         known = ", ".join(n for n in fields if n not in SECTIONS and n != "preset")
         raise ConfigError(f"{origin}: unknown config key {dotted!r} in {where} (known: {known})")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from glowing.text import generation_prompt, normalize
 from training import baseline as baseline_mod
+from training import device as dev
 from training import plots
 from training.classifier import predict_proba
 from training.config import EvalConfig
@@ -83,7 +84,9 @@ def positive_perplexity(model, tokenizer, texts: list[str], max_length: int, bat
         mask = torch.zeros_like(input_ids)
         for row, seq in enumerate(batch):
             input_ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        input_ids, mask = input_ids.to(dev.of(model)), mask.to(dev.of(model))
+        with dev.autocast(dev.of(model)):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total_nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
                                                              ignore_index=-100, reduction="sum"))
@@ -100,7 +103,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int) -
     for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch"):
         batch = prompts[start : start + cfg.gen_batch_size]
         enc = tokenizer([generation_prompt(p, tokenizer.bos_token) for p in batch], return_tensors="pt",
-                        padding=True, add_special_tokens=False)
+                        padding=True, add_special_tokens=False).to(dev.of(model))
         tokens = model.generate(**enc, do_sample=True, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -8,7 +8,6 @@ end-of-text token, reviews are concatenated and cut into ``block_size`` windows.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glowing.text import normalize
+from training import device as dev
 from training.config import SCRATCH, LMConfig
 from training.optim import adamw, check_finite, warmup_cosine
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 class TrainResult:
     steps: int
     tokens: int
-    first_loss: float
-    last_loss: float  # mean of the last 10% of steps
+    first_loss: float | None  # None when steps = 0
+    last_loss: float | None  # mean of the last 10% of steps
     seconds: float
 
 
@@ -83,11 +83,13 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
 
 
 def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float, warmup: int,
-             weight_decay: float, seed: int, stage: str) -> TrainResult:
+             weight_decay: float, seed: int, stage: str,
+             device: torch.device | None = None) -> TrainResult:
     """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks)."""
     import time
 
-    model.train()
+    device = device or dev.of(model)
+    model.to(device).train()
     optimizer = adamw(model, lr, weight_decay)
     schedule = warmup_cosine(optimizer, warmup, steps)
     rng = np.random.default_rng(seed)
@@ -98,9 +100,10 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     for step in bar:
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(blocks)), 0
-        batch = blocks[torch.from_numpy(order[cursor : cursor + min(batch_size, len(order))])]
+        batch = blocks[torch.from_numpy(order[cursor : cursor + min(batch_size, len(order))])].to(device)
         cursor += batch_size
-        loss = model(input_ids=batch, labels=batch).loss
+        with dev.autocast(device):
+            loss = model(input_ids=batch, labels=batch).loss
         losses.append(check_finite(loss, stage, step))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -110,9 +113,10 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
     model.eval()
-    tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
+    tail = losses[-max(1, len(losses) // 10):]
     return TrainResult(steps=steps, tokens=steps * batch_size * blocks.shape[1],
-                       first_loss=losses[0] if losses else math.nan, last_loss=float(np.mean(tail)),
+                       first_loss=losses[0] if losses else None,
+                       last_loss=float(np.mean(tail)) if losses else None,
                        seconds=time.perf_counter() - started)
 
 
@@ -121,9 +125,11 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
     """Token-weighted mean cross-entropy of ``model`` on packed ``blocks``."""
     model.eval()
     total, count = 0.0, 0
+    device = dev.of(model)
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        loss = model(input_ids=batch, labels=batch).loss
+        batch = blocks[start : start + batch_size].to(device)
+        with dev.autocast(device):
+            loss = model(input_ids=batch, labels=batch).loss
         n = batch.shape[0] * (batch.shape[1] - 1)
         total, count = total + float(loss) * n, count + n
     return total / max(1, count)

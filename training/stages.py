@@ -14,6 +14,7 @@ import torch
 from glowing import artifacts as A
 from training import baseline as baseline_mod
 from training import classifier as clf
+from training import device as dev
 from training import evaluate as ev
 from training import lm as lm_mod
 from training import tokenizer as tok_mod
@@ -63,7 +64,7 @@ def lm(p: Pipeline, out: Path) -> dict:
     cfg = p.cfg.lm
     _seed(p)
     tok = _load_tokenizer(p.path("tokenizer"))
-    model = lm_mod.build_lm(cfg, tok)
+    model = lm_mod.build_lm(cfg, tok).to(dev.resolve(p.cfg.device))
     texts = p.fit.texts + p.unsup.texts
     order = np.random.default_rng(p.cfg.seed).permutation(len(texts))
     texts = [texts[i] for i in order]
@@ -76,7 +77,7 @@ def lm(p: Pipeline, out: Path) -> dict:
     result = lm_mod.train_lm(model, blocks, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed, stage="lm")
     val_loss = lm_mod.mean_loss(model, val_blocks)
-    log.info("lm: train loss %.3f -> %.3f, held-out loss %.3f", result.first_loss, result.last_loss, val_loss)
+    log.info("lm: train loss %s -> %s, held-out loss %.3f", result.first_loss, result.last_loss, val_loss)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"models": {"lm": _lm_summary(model, result, val_loss, cfg.init)}}
@@ -88,7 +89,7 @@ def generator(p: Pipeline, out: Path) -> dict:
     cfg, ev_cfg = p.cfg.generator, p.cfg.eval
     _seed(p, 1)
     tok = _load_tokenizer(p.path("lm"))
-    model = AutoModelForCausalLM.from_pretrained(p.path("lm"))
+    model = AutoModelForCausalLM.from_pretrained(p.path("lm")).to(dev.resolve(p.cfg.device))
     positives = p.fit.where(1).texts
     val_positives = p.val.where(1).texts
     budget = cfg.steps * cfg.batch_size * cfg.block_size
@@ -116,6 +117,7 @@ def classifier(p: Pipeline, out: Path) -> dict:
     cfg = p.cfg.classifier
     _seed(p, 2)
     model, tok = clf.build_classifier(cfg, p.path("tokenizer"), p.path("lm"))
+    model.to(dev.resolve(p.cfg.device))
     n_params = sum(x.numel() for x in model.parameters())
     log.info("classifier: init=%s, %.2fM parameters, %d training reviews, max_length %d",
              cfg.init, n_params / 1e6, len(p.fit), cfg.max_length)
@@ -143,7 +145,7 @@ def _load_classifier(p: Pipeline):
     from transformers import AutoModelForSequenceClassification
 
     path = p.path("classifier")
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path).to(dev.resolve(p.cfg.device)).eval()
     tok = _load_tokenizer(path)
     tok.padding_side = "right"
     return model, tok, int((path / "max_length.txt").read_text())
@@ -164,7 +166,7 @@ def eval_generator(p: Pipeline, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     _seed(p, 3)
-    gen = AutoModelForCausalLM.from_pretrained(p.path("generator")).eval()
+    gen = AutoModelForCausalLM.from_pretrained(p.path("generator")).to(dev.resolve(p.cfg.device)).eval()
     gen_tok = _load_tokenizer(p.path("generator"))
     model, tok, max_length = _load_classifier(p)
     judge = baseline_mod.load(p.path("baseline") / A.BASELINE_FILE)
