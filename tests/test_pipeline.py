@@ -151,3 +151,13 @@ def test_nan_loss_stops_training_with_a_clear_error():
 
     with pytest.raises(TrainingError, match=r"lm: loss became nan at step 3; lower lm.lr"):
         check_finite(torch.tensor(float("nan")), "lm", 3)
+
+
+def test_summary_prints_headline_metrics_and_stage_times(tiny_artifacts, capsys):
+    from training.summary import main as summary_main
+
+    assert summary_main([str(tiny_artifacts)]) == 0
+    out = capsys.readouterr().out
+    metrics = A.flatten(A.read_manifest(tiny_artifacts)["metrics"])
+    assert f"| classifier accuracy, IMDB test | {metrics['classifier.imdb_test.accuracy']:.4f} |" in out
+    assert "| eval-generator |" in out and "**total**" in out

@@ -1,0 +1,60 @@
+"""Print a markdown summary of a trained artifacts directory: metrics and time per stage.
+
+    python -m training.summary artifacts
+
+The README's result tables are this command's output after ``make models``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from glowing.artifacts import flatten, read_manifest
+
+ROWS = [
+    ("classifier.imdb_test.accuracy", "classifier accuracy, IMDB test"),
+    ("classifier.imdb_test.f1", "classifier F1, IMDB test"),
+    ("classifier.imdb_test.roc_auc", "classifier ROC AUC, IMDB test"),
+    ("classifier.sst2_validation.accuracy", "classifier accuracy, SST-2 validation"),
+    ("baseline.imdb_test.accuracy", "TF-IDF baseline accuracy, IMDB test"),
+    ("baseline.imdb_test.roc_auc", "TF-IDF baseline ROC AUC, IMDB test"),
+    ("baseline.sst2_validation.accuracy", "TF-IDF baseline accuracy, SST-2 validation"),
+    ("generator.positive_test.perplexity", "generator perplexity, positive IMDB test reviews"),
+    ("generator.samples.this_movie.mean_p_positive", "\"This movie\" samples: mean P(positive), classifier"),
+    ("generator.samples.this_movie.judge_mean_p_positive", "\"This movie\" samples: mean P(positive), TF-IDF judge"),
+    ("generator.samples.test_prefixes.mean_p_positive", "test-prefix samples: mean P(positive), classifier"),
+    ("generator.samples.test_prefixes.judge_mean_p_positive", "test-prefix samples: mean P(positive), TF-IDF judge"),
+    ("generator.samples.mean_p_positive", "all 200 samples: mean P(positive), classifier"),
+    ("generator.samples.judge_mean_p_positive", "all 200 samples: mean P(positive), TF-IDF judge"),
+    ("generator.samples.distinct_2", "all 200 samples: distinct-2"),
+]
+
+
+def summary(root: str) -> str:
+    manifest = read_manifest(root)
+    if not manifest:
+        raise SystemExit(f"{root}/manifest.json is missing: run `python -m training --out {root}` first")
+    metrics = flatten(manifest.get("metrics", {}))
+    lines = [f"Preset `{manifest.get('preset')}`, {manifest.get('machine', {}).get('cpus')} CPUs "
+             f"({manifest.get('machine', {}).get('platform', '?')}).", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {metrics[key]:.4f} |" for key, label in ROWS if key in metrics]
+    stages = manifest.get("stages", {})
+    total = sum(s["seconds"] for s in stages.values())
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {s['seconds']:.0f} |" for name, s in stages.items()]
+    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.summary", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifacts", nargs="?", default="artifacts", help="artifacts directory (default: artifacts)")
+    print(summary(ap.parse_args(argv).artifacts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
