@@ -52,6 +52,10 @@ def tokenizer(p: Pipeline, out: Path) -> dict:
     return {"models": {"tokenizer": {"source": source, "vocab_size": len(tok)}}}
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _lm_summary(model, result: lm_mod.TrainResult, val_loss: float, source: str) -> dict:
     return {"source": source, "parameters": sum(x.numel() for x in model.parameters()),
             "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
@@ -77,7 +81,7 @@ def lm(p: Pipeline, out: Path) -> dict:
     result = lm_mod.train_lm(model, blocks, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed, stage="lm")
     val_loss = lm_mod.mean_loss(model, val_blocks)
-    log.info("lm: train loss %s -> %s, held-out loss %.3f", result.first_loss, result.last_loss, val_loss)
+    log.info("lm: train loss %s -> %s, held-out loss %.3f", _fmt(result.first_loss), _fmt(result.last_loss), val_loss)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"models": {"lm": _lm_summary(model, result, val_loss, cfg.init)}}
