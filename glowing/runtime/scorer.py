@@ -1,0 +1,81 @@
+"""Sentiment scoring over any backend: texts in, P(positive) per text out, in input order.
+
+The backend only maps ``(input_ids, attention_mask)`` to logits; tokenization, truncation,
+right padding and micro-batching live here so that every backend sees identical inputs.
+Right padding is what makes a score independent of its batch partners: the GPT-2 classifier
+reads its logit at the last non-pad token and its positions start at 0 on every row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from glowing.runtime.files import TextCodec
+from glowing.text import normalize
+
+Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class Scorer:
+    def __init__(self, forward: Forward, codec: TextCodec, *, max_length: int, positive_index: int,
+                 batch_size: int, info: dict[str, Any]):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self._forward = forward
+        self._codec = codec
+        self._positive = positive_index
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._info = info
+        codec.tokenizer.enable_truncation(max_length)
+
+    backend = property(lambda self: self._info["backend"])
+    precision = property(lambda self: self._info["precision"])
+    providers = property(lambda self: list(self._info["providers"]))
+    model_file = property(lambda self: Path(self._info["model_file"]))
+
+    def info(self) -> dict[str, Any]:
+        return {**self._info, "max_length": self.max_length, "batch_size": self.batch_size}
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text: normalized, special tokens added, truncated to ``max_length``."""
+        encodings = self._codec.tokenizer.encode_batch([normalize(t) for t in texts])
+        # An empty text may encode to nothing without an end-of-text post-processor.
+        return [e.ids or [self._codec.eos_id if self._codec.eos_id is not None else self._codec.pad_id]
+                for e in encodings]
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """Raw logits, shape ``(len(texts), num_labels)``, in input order."""
+        ids = self.encode(texts)
+        order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
+        out: np.ndarray | None = None
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            input_ids, mask = right_pad([ids[i] for i in rows], self._codec.pad_id)
+            logits = self._forward(input_ids, mask)
+            if out is None:
+                out = np.empty((len(texts), logits.shape[-1]), dtype=np.float32)
+            out[rows] = logits
+        return out if out is not None else np.empty((0, 2), dtype=np.float32)
+
+    def score(self, texts: list[str]) -> list[float]:
+        """P(positive) per text, in input order."""
+        logits = self.logits(texts).astype(np.float64)
+        if len(logits) == 0:
+            return []
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        return (probs[:, self._positive] / probs.sum(axis=-1)).tolist()
+
+
+def right_pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
