@@ -1,0 +1,66 @@
+"""How a merged generation batch becomes model calls, and back (no BentoML, no model).
+
+BentoML's dispatcher merges the ``GenerationItem`` lists of concurrent requests into one list.
+Each item asks for ``n`` continuations of its prompt with its own sampling settings; row ``i``
+of an item is sampled with ``derive_seed(item.seed, i)``, so a seeded request gets the same
+reviews whoever shares its batch, and the first k rows of ``n=5`` are the rows of ``n=k``.
+
+Compatible rows share one runtime call: the runtime takes per-row settings (temperature, top-p,
+top-k, length, seed), so the only split is greedy rows apart from sampled ones (an all-greedy
+call takes the vectorised argmax path). Within a group, rows are ordered by prompt length so
+that a call pads little, and calls hold at most ``max_rows`` rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from glowing.runtime.sampling import SamplingSettings
+from service.schemas import GenerationItem
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from its parts, stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Row:
+    item: int  # index of its item in the merged batch
+    index: int  # its position among the item's n rows
+    prompt: str
+    settings: SamplingSettings
+
+
+def expand(items: Sequence[GenerationItem]) -> list[Row]:
+    return [Row(k, i, item.prompt, SamplingSettings(max_new_tokens=item.max_new_tokens, temperature=item.temperature,
+                                                    top_p=item.top_p, top_k=item.top_k,
+                                                    seed=derive_seed(item.seed, i)))
+            for k, item in enumerate(items) for i in range(item.n)]
+
+
+def plan(rows: Sequence[Row], max_rows: int) -> list[list[Row]]:
+    """The runtime calls for ``rows``: greedy and sampled rows apart, short prompts together."""
+    calls = []
+    for greedy in (True, False):
+        group = sorted((r for r in rows if r.settings.greedy == greedy), key=lambda r: len(r.prompt))
+        calls += [group[i : i + max_rows] for i in range(0, len(group), max_rows)]
+    return calls
+
+
+GenerateFn = Callable[[list[str], list[SamplingSettings]], list[str]]
+
+
+def generate_batch(items: Sequence[GenerationItem], generate: GenerateFn, max_rows: int,
+                   on_call: Callable[[int], None] = lambda rows: None) -> list[list[str]]:
+    """One list of ``item.n`` continuations per item, in input order."""
+    out: list[list[str]] = [[""] * item.n for item in items]
+    for call in plan(expand(items), max_rows):
+        on_call(len(call))
+        texts = generate([r.prompt for r in call], [r.settings for r in call])
+        for row, text in zip(call, texts, strict=True):
+            out[row.item][row.index] = text
+    return out

@@ -1,0 +1,246 @@
+"""One error envelope for every failure, and the ASGI guard that applies it at the door.
+
+    {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
+               "param": "n"}}
+
+``Guard`` sits in front of the API endpoints. It sheds load beyond ``max_concurrency`` requests
+in flight with 503 (BentoML's own limiter answers 429), rejects bodies that are too large, not
+not JSON or invalid against the request model with 4xx *before* BentoML sees them (BentoML would
+answer its own shape and log a traceback per bad request), forwards them as JSON, serves ``GET /info`` through the
+``POST /info`` endpoint, and rewrites any other error response into the envelope, so that no
+traceback, path or framework message in another shape reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger("bentoml.glowing")  # under "bentoml": shown by BentoML's logging config
+TYPES = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+         415: "unsupported_media_type", 429: "overloaded", 500: "internal_error", 503: "overloaded",
+         504: "timeout"}
+SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes keep BentoML's answers
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type or TYPES.get(status, "error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+
+    def response(self):
+        from starlette.responses import JSONResponse
+
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def field_name(loc: tuple) -> str | None:
+    """``("texts", 3)`` -> ``"texts[3]"``; pydantic's own wrappers (json, model names) are dropped."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or None
+
+
+def from_validation(err: ValidationError) -> ApiError:
+    errors = err.errors(include_url=False, include_context=False, include_input=False)
+    parts = []
+    for e in errors:
+        name = field_name(e["loc"])
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{name}: {msg}" if name else msg)
+    return ApiError(400, "; ".join(parts), field_name(errors[0]["loc"]) if errors else None)
+
+
+def from_exception(err: BaseException) -> ApiError:
+    """The client's view of a failure inside an endpoint; the details go to the server log only."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ValidationError):
+        return from_validation(err)
+    if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
+        return ApiError(504, "the request did not finish in time; ask for fewer or shorter reviews, or retry")
+    status = int(getattr(getattr(err, "error_code", None), "value", 0) or 0)  # BentoML between services
+    if status in (429, 503):
+        return ApiError(503, "the models are overloaded; retry later")
+    if status == 504:
+        return ApiError(504, "the models did not answer in time; retry later")
+    log.error("internal error", exc_info=err)
+    return ApiError(500, "internal error; the server log has the details")
+
+
+class Guard:
+    """ASGI middleware; ``models`` maps each API path to its request model."""
+
+    def __init__(self, app, models: dict[str, type[BaseModel]], max_concurrency: int, max_body_bytes: int,
+                 get_paths: frozenset[str] = frozenset({"/info"})):
+        self.app = app
+        self.models = models
+        self.max_concurrency = max_concurrency
+        self.max_body_bytes = max_body_bytes
+        self.get_paths = get_paths
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in SYSTEM_PATHS:
+            return await self.app(scope, receive, send)
+        model = self.models.get(scope["path"])
+        send = self._enveloped(scope["path"] if model else "other", send)
+        if scope["path"] == OPENAPI_PATH:
+            send = self._rewritten(send, lambda body: json.dumps(openapi(json.loads(body), self)).encode())
+        if model is None:  # docs, static files; unknown paths come back 404 in the envelope
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._admit(scope, receive, model)
+        except ApiError as err:
+            return await err.response()(scope, receive, send)
+        # Validated JSON goes on as JSON whatever it was labelled (`curl -d` says form-urlencoded).
+        scope = {**scope, "method": "POST",
+                 "headers": [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
+                 + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _admit(self, scope, receive, model: type[BaseModel]) -> bytes:
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path in self.get_paths:
+            return b"{}"
+        if method != "POST":
+            raise ApiError(405, f"{method} {path}: use POST" + (" or GET" if path in self.get_paths else ""))
+        if self.in_flight >= self.max_concurrency:
+            raise ApiError(503, f"the server is at its limit of {self.max_concurrency} concurrent requests; "
+                                "retry later")
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client disconnected")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                raise ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
+            more = message.get("more_body", False)
+        body = b"".join(chunks) or b"{}"
+        try:
+            model.model_validate_json(body)
+        except ValidationError as err:
+            raise from_validation(err) from None
+        return body
+
+    def _enveloped(self, endpoint: str, send):
+        """``send`` that turns any error response not already in the envelope into one."""
+        def envelope(body: bytes, status: int) -> bytes:
+            err = _as_envelope(status, body)
+            _count(endpoint, err["error"]["type"])
+            return json.dumps(err).encode()
+
+        return self._rewritten(send, envelope, errors=True)
+
+    @staticmethod
+    def _rewritten(send, transform, errors: bool = False):
+        """``send`` that buffers a whole JSON response (errors only, or successes only) and sends
+        ``transform(body[, status])`` instead."""
+        state: dict[str, Any] = {}
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start" and (message["status"] >= 400) == errors:
+                state["start"], state["body"] = message, b""
+                return
+            if "start" not in state or message["type"] != "http.response.body":
+                return await send(message)
+            state["body"] += message.get("body", b"")
+            if message.get("more_body", False):
+                return
+            status = state["start"]["status"]
+            body = transform(state["body"], status) if errors else transform(state["body"])
+            headers = [(k, v) for k, v in state["start"]["headers"] if k not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**state["start"], "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        return wrapped
+
+
+OPENAPI_PATH = "/docs.json"
+ENVELOPE_SCHEMA = {
+    "type": "object", "required": ["error"], "description": "Every error, whatever its status",
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param"], "properties": {
+        "message": {"type": "string", "description": "what is wrong, naming the field"},
+        "type": {"type": "string", "enum": sorted(set(TYPES.values()))},
+        "param": {"type": "string", "nullable": True, "description": "the offending field, e.g. texts[3]"}}}},
+    "example": {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
+                          "param": "n"}}}
+
+
+def openapi(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
+    """BentoML's OpenAPI document, made true of this server: errors in the envelope, the statuses
+    the guard adds, and the GET variant of ``/info``."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ENVELOPE_SCHEMA
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes
+        schemas[name] = {**ENVELOPE_SCHEMA, "title": name}
+    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    extra = {"405": "Method Not Allowed", "413": "Payload Too Large (the body exceeds the request limits)",
+             "503": "Overloaded: too many requests in flight, retry after the Retry-After header",
+             "504": "The request did not finish within the timeout"}
+    for path in guard.models:
+        item = spec.get("paths", {}).get(path)
+        if not item or "post" not in item:
+            continue
+        item["post"].setdefault("responses", {}).update({code: {"description": d, **ref} for code, d in extra.items()})
+        if path in guard.get_paths:
+            item["get"] = {k: v for k, v in item["post"].items() if k != "requestBody"}
+            item["get"]["operationId"] = f"{item['post'].get('operationId', path.strip('/'))}__get"
+    return spec
+
+
+def _as_envelope(status: int, body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = body.decode("utf-8", errors="replace").strip()
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
+        return data  # ours already
+    if isinstance(data, list) and len(data) == 1:  # BentoML wraps 4xx messages in a list
+        data = data[0]
+    message = data.get("error") if isinstance(data, dict) else data
+    if not isinstance(message, str) or not message or "Traceback" in message or len(message) > 300:
+        message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    return ApiError(status, message).body()
+
+
+def _count(endpoint: str, type: str) -> None:
+    try:
+        from service import metrics
+
+        metrics.get().errors.labels(endpoint=endpoint, type=type).inc()
+    except Exception:  # metrics must never turn an error response into a crash
+        log.debug("could not count an error", exc_info=True)

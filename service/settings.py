@@ -1,0 +1,83 @@
+"""The service's settings: the only code that reads environment variables (prefix ``GLOWING_``).
+
+    GLOWING_ARTIFACTS=/data/artifacts GLOWING_SCORER_MAX_BATCH_SIZE=64 bentoml serve
+
+``get_settings()`` reads the environment when it is called. The one exception is
+``service/service.py``, which calls it at import time because BentoML takes the batching
+(``max_batch_size``, ``max_latency_ms``), traffic (``timeout``) and ``workers`` values from its
+decorators: change those before ``bentoml serve`` starts, not after. The request limits also
+shape the request schemas there, so that the OpenAPI page shows the limits actually enforced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GLOWING_", extra="ignore", frozen=True)
+
+    # ---- models -------------------------------------------------------------------------------
+    artifacts: Path = Field(Path("artifacts"), description="artifacts directory: manifest.json and the "
+                            "exported onnx/ (backend onnx) or the trained models (backend torch)")
+    backend: Literal["onnx", "torch"] = Field("onnx", description="inference runtime")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
+    classifier_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU) is faster but its scores "
+        "depend slightly on the batch: dynamic quantization scales each batch as a whole")
+    generator_precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto = fp32 on CPU, fp16 on CUDA")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per model (unset = all cores)")
+
+    # ---- adaptive batching (BentoML decorator values: read when service.py is imported) -------
+    scorer_max_batch_size: int = Field(32, ge=1, le=1024, description="texts per classifier call")
+    scorer_max_latency_ms: int = Field(5_000, ge=10, description="queue + compute budget of a scoring batch; "
+                                       "requests that cannot meet it are shed with 503")
+    generator_max_batch_size: int = Field(16, ge=1, le=256, description="generation requests merged per batch")
+    generator_max_latency_ms: int = Field(60_000, ge=100, description="queue + compute budget of a generation "
+                                          "batch; requests that cannot meet it are shed with 503")
+    generator_max_rows: int = Field(64, ge=1, le=1024, description="sequences per generator call: a merged "
+                                    "batch is split into calls of at most this many rows")
+
+    # ---- request limits (they shape the request schemas) ---------------------------------------
+    max_texts: int = Field(64, ge=1, description="texts per /score request")
+    max_text_chars: int = Field(10_000, ge=1, description="characters per text to score")
+    max_prompt_chars: int = Field(1_000, ge=0, description="characters per prompt")
+    max_n: int = Field(16, ge=1, description="reviews per /generate or /reviews request")
+    max_new_tokens: int = Field(256, ge=1, description="upper bound of the max_new_tokens field")
+    max_candidates: int = Field(128, ge=1, description="upper bound of the /reviews max_candidates field")
+    reviews_round_size: int = Field(16, ge=1, description="candidates generated per /reviews round at most")
+
+    # ---- traffic ---------------------------------------------------------------------------------
+    timeout: float = Field(120.0, gt=0, description="seconds a request may take; then 504")
+    max_concurrency: int = Field(32, ge=1, description="requests in flight per API worker; more are shed "
+                                 "with 503")
+    api_workers: int = Field(1, ge=1, description="processes of the HTTP API service")
+    scorer_workers: int = Field(1, ge=1, description="processes of the scorer service (one model copy each)")
+    generator_workers: int = Field(1, ge=1, description="processes of the generator service (one model copy each)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_candidates < self.max_n:
+            raise ValueError(f"GLOWING_MAX_CANDIDATES={self.max_candidates} must be >= GLOWING_MAX_N={self.max_n}")
+        if self.device == "cuda" and self.classifier_precision == "int8":
+            raise ValueError("GLOWING_CLASSIFIER_PRECISION=int8 is the CPU format; use fp16 or auto with "
+                             "GLOWING_DEVICE=cuda")
+        return self
+
+
+def get_settings(**overrides) -> Settings:
+    """The settings from the environment now (keyword overrides win; tests use them)."""
+    return Settings(**overrides)
+
+
+def env_table() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting: the README's table."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else str(field.default)
+        rows.append((f"GLOWING_{name.upper()}", default, field.description or ""))
+    return rows

@@ -1,0 +1,282 @@
+"""The service's plain logic, without models or a server: settings, request bounds, the error
+envelope and the ASGI guard, generation batching and seeds, the /reviews rounds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from service import batching, errors
+from service.reviews import collect_reviews, round_size
+from service.schemas import GenerationItem, request_models
+from service.settings import Settings, env_table, get_settings
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+def test_settings_read_the_environment_at_call_time(monkeypatch):
+    monkeypatch.setenv("GLOWING_ARTIFACTS", "/somewhere")
+    monkeypatch.setenv("GLOWING_SCORER_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("GLOWING_BACKEND", "torch")
+    s = get_settings()
+    assert (str(s.artifacts), s.scorer_max_batch_size, s.backend) == ("/somewhere", 7, "torch")
+    monkeypatch.setenv("GLOWING_SCORER_MAX_BATCH_SIZE", "9")
+    assert get_settings().scorer_max_batch_size == 9
+
+
+@pytest.mark.parametrize("env, name", [({"GLOWING_BACKEND": "tensorflow"}, "backend"),
+                                       ({"GLOWING_MAX_N": "0"}, "max_n"),
+                                       ({"GLOWING_MAX_N": "20", "GLOWING_MAX_CANDIDATES": "10"}, "MAX_CANDIDATES")])
+def test_bad_settings_name_the_variable(monkeypatch, env, name):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match=name):
+        get_settings()
+
+
+def test_every_setting_has_a_description_for_the_readme():
+    rows = env_table()
+    assert len(rows) == len(Settings.model_fields) and all(desc for _, _, desc in rows)
+    assert ("GLOWING_ARTIFACTS", "artifacts") == rows[0][:2]
+
+
+# ---- request bounds ----------------------------------------------------------------------------
+
+LIMITS = Settings(max_texts=3, max_text_chars=20, max_n=4, max_new_tokens=32, max_candidates=10)
+REQ = request_models(LIMITS)
+
+
+@pytest.mark.parametrize("model, body, param", [
+    ("score", {"texts": []}, "texts"),
+    ("score", {"texts": ["a"] * 4}, "texts"),
+    ("score", {"texts": ["ok", "x" * 21]}, "texts[1]"),
+    ("score", {"texts": ["ok", ""]}, "texts[1]"),
+    ("score", {"texts": "not a list"}, "texts"),
+    ("score", {"texts": ["ok"], "extra": 1}, "extra"),
+    ("generate", {"n": 5}, "n"),
+    ("generate", {"n": 0}, "n"),
+    ("generate", {"max_new_tokens": 33}, "max_new_tokens"),
+    ("generate", {"temperature": -0.1}, "temperature"),
+    ("generate", {"temperature": 2.5}, "temperature"),
+    ("generate", {"top_p": 0}, "top_p"),
+    ("generate", {"top_p": 1.5}, "top_p"),
+    ("generate", {"top_k": -1}, "top_k"),
+    ("generate", {"seed": -1}, "seed"),
+    ("generate", {"prompt": "x" * 1001}, "prompt"),
+    ("reviews", {"min_positive": 1.5}, "min_positive"),
+    ("reviews", {"max_candidates": 11}, "max_candidates"),
+    ("reviews", {"n": 4, "max_candidates": 3}, "max_candidates"),
+])
+def test_every_bound_is_rejected_with_the_field_named(model, body, param):
+    with pytest.raises(ValidationError) as info:
+        getattr(REQ, model).model_validate(body)
+    err = errors.from_validation(info.value)
+    assert (err.status, err.param, err.type) == (400, param, "invalid_request_error")
+    assert err.message.startswith(f"{param}: ")
+
+
+def test_defaults_and_openapi_show_the_configured_limits():
+    reviews = REQ.reviews.model_validate({})
+    assert (reviews.n, reviews.min_positive, reviews.max_candidates, reviews.seed) == (3, 0.9, 10, None)
+    schema = REQ.score.model_json_schema()
+    assert schema["properties"]["texts"]["maxItems"] == 3
+    assert schema["properties"]["texts"]["items"]["maxLength"] == 20
+    assert REQ.generate.model_json_schema()["properties"]["n"]["maximum"] == 4
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+class Coded(Exception):
+    def __init__(self, code):
+        self.error_code = type("Code", (), {"value": code})()
+
+
+@pytest.mark.parametrize("exc, status, type_", [
+    (asyncio.TimeoutError(), 504, "timeout"), (Coded(503), 503, "overloaded"), (Coded(429), 503, "overloaded"),
+    (Coded(504), 504, "timeout"), (RuntimeError("/secret/path/model.onnx exploded"), 500, "internal_error")])
+def test_internal_failures_map_to_an_envelope_without_details(exc, status, type_):
+    err = errors.from_exception(exc)
+    assert (err.status, err.type) == (status, type_)
+    assert "/secret" not in err.message and "Traceback" not in err.message
+    assert set(err.body()["error"]) == {"message", "type", "param"}
+
+
+def _app(**guard):
+    """A stand-in for BentoML's app behind the guard."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    gate = asyncio.Event()
+
+    async def score(request):
+        body = await request.json()
+        if body["texts"] == ["wait"]:
+            await gate.wait()
+        return JSONResponse({"echo": body, "method": request.method, "ctype": request.headers["content-type"]})
+
+    async def info(request):
+        return JSONResponse({"method": request.method, "body": (await request.body()).decode()})
+
+    async def boom(request):
+        return PlainTextResponse('Traceback (most recent call last):\n  File "/secret.py"', status_code=500)
+
+    async def bento_400(request):
+        return JSONResponse([{"error": "a BentoML-shaped message"}], status_code=400)
+
+    routes = [Route("/score", score, methods=["POST"]), Route("/info", info, methods=["POST"]),
+              Route("/boom", boom, methods=["POST"]), Route("/bento", bento_400, methods=["POST"])]
+    app = errors.Guard(Starlette(routes=routes), models={"/score": REQ.score, "/info": REQ.info},
+                       **{"max_concurrency": 1, "max_body_bytes": 2000, **guard})
+    return app, gate
+
+
+async def _client(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_guard_rejects_bad_bodies_before_the_app():
+    async def main():
+        app, _ = _app()
+        async with await _client(app) as c:
+            bad_json = await c.post("/score", content=b'{"texts": [', headers={"content-type": "application/json"})
+            bad_field = await c.post("/score", json={"texts": ["ok", "x" * 50]})
+            too_big = await c.post("/score", json={"texts": ["y" * 3000]})
+            form = await c.post("/score", content=b'{"texts": ["ok"]}',
+                                headers={"content-type": "application/x-www-form-urlencoded"})
+            wrong_method = await c.get("/score")
+            return bad_json, bad_field, too_big, form, wrong_method
+
+    bad_json, bad_field, too_big, form, wrong_method = asyncio.run(main())
+    assert bad_json.status_code == 400 and "Invalid JSON" in bad_json.json()["error"]["message"]
+    assert bad_field.status_code == 400 and bad_field.json()["error"]["param"] == "texts[1]"
+    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "payload_too_large"
+    assert form.status_code == 200 and form.json()["ctype"] == "application/json"  # `curl -d` works
+    assert wrong_method.status_code == 405 and "use POST" in wrong_method.json()["error"]["message"]
+
+
+def test_guard_sheds_load_with_503_and_serves_get_info():
+    async def main():
+        app, gate = _app()
+        async with await _client(app) as c:
+            first = asyncio.create_task(c.post("/score", json={"texts": ["wait"]}))
+            while app.in_flight == 0:
+                await asyncio.sleep(0.01)
+            shed = await c.post("/score", json={"texts": ["ok"]})
+            info = await c.get("/info")  # GET /info is not an API call: it is not counted
+            gate.set()
+            return await first, shed, info, app.in_flight
+
+    first, shed, info, in_flight = asyncio.run(main())
+    assert first.status_code == 200 and in_flight == 0
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert shed.json()["error"]["type"] == "overloaded"
+    assert info.status_code == 200 and info.json() == {"method": "POST", "body": "{}"}
+
+
+def test_guard_rewrites_foreign_errors_into_the_envelope():
+    async def main():
+        app, _ = _app()
+        async with await _client(app) as c:
+            return await c.post("/boom"), await c.post("/bento"), await c.get("/nowhere")
+
+    boom, bento, missing = asyncio.run(main())
+    assert boom.status_code == 500 and "Traceback" not in boom.text and "secret" not in boom.text
+    assert boom.json() == {"error": {"message": "Internal Server Error", "type": "internal_error", "param": None}}
+    assert bento.status_code == 400 and bento.json()["error"]["message"] == "a BentoML-shaped message"
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+
+
+# ---- generation batching -----------------------------------------------------------------------
+
+def _item(prompt="p", n=2, seed=1, temperature=1.0, max_new_tokens=5):
+    return GenerationItem(prompt=prompt, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.9,
+                          top_k=10, seed=seed)
+
+
+def _fake_generate(calls):
+    def generate(prompts, settings):
+        calls.append(len(prompts))
+        return [f"{p}|{s.seed}|{s.max_new_tokens}|{s.temperature}" for p, s in zip(prompts, settings)]
+    return generate
+
+
+def test_each_item_gets_its_n_rows_in_order_with_its_own_settings():
+    calls = []
+    items = [_item("a", n=3, seed=5), _item("long prompt", n=1, temperature=0, max_new_tokens=9), _item("b", n=2)]
+    out = batching.generate_batch(items, _fake_generate(calls), max_rows=2)
+    assert [len(x) for x in out] == [3, 1, 2]
+    assert out[0] == [f"a|{batching.derive_seed(5, i)}|5|1.0" for i in range(3)]
+    assert out[1] == [f"long prompt|{batching.derive_seed(1, 0)}|9|0.0"]
+    assert calls == [1, 2, 2, 1]  # greedy apart; sampled rows in calls of at most max_rows
+
+
+def test_row_seeds_do_not_depend_on_batch_partners_or_n():
+    alone = batching.generate_batch([_item("x", n=2, seed=3)], _fake_generate([]), 64)[0]
+    crowd = batching.generate_batch([_item("y", n=4, seed=9), _item("x", n=5, seed=3)], _fake_generate([]), 3)[1]
+    assert crowd[:2] == alone
+    assert len({batching.derive_seed(3, i) for i in range(1000)}) == 1000
+    assert batching.derive_seed(1, "round", 0) == batching.derive_seed(1, "round", 0) < 2**63
+
+
+# ---- /reviews rounds ---------------------------------------------------------------------------
+
+def _fakes(p_of):
+    """A generator whose i-th text of a round is f"{round_seed}-{i}" and a scorer that maps text -> p."""
+    log = []
+
+    async def generate(count, round_seed):
+        log.append(count)
+        return [f"{round_seed}-{i}" for i in range(count)]
+
+    async def score(texts):
+        return [p_of(t) for t in texts]
+
+    return generate, score, log
+
+
+def test_reviews_stop_once_n_are_accepted_and_return_the_best_first():
+    generate, score, log = _fakes(lambda t: 0.5 + (int(t.split("-")[1]) % 5) / 10)  # 0.5 .. 0.9
+    out = asyncio.run(collect_reviews(generate, score, n=2, min_positive=0.8, max_candidates=50, seed=1,
+                                      round_cap=16))
+    assert out.complete and len(out.reviews) == 2 and out.accepted >= 2
+    assert [p for _, p in out.reviews] == sorted((p for _, p in out.reviews), reverse=True)
+    assert all(p >= 0.8 for _, p in out.reviews)
+    assert log[0] == 4 and out.candidates == sum(log) and out.rounds == len(log)
+
+
+def test_reviews_within_budget_answer_incomplete():
+    generate, score, log = _fakes(lambda t: 0.3)
+    out = asyncio.run(collect_reviews(generate, score, n=3, min_positive=0.9, max_candidates=20, seed=1,
+                                      round_cap=8))
+    assert not out.complete and out.reviews == [] and out.candidates == 20 and out.acceptance_rate == 0
+    assert log == [6, 8, 6]  # the prior (1 in 2), then at most round_cap, then what the budget leaves
+
+
+def test_reviews_never_accept_a_text_twice():
+    async def generate(count, round_seed):
+        return ["same text"] * count + [" "]
+
+    async def score(texts):
+        assert texts == ["same text"]  # deduplicated, blanks dropped, before scoring
+        return [0.99]
+
+    out = asyncio.run(collect_reviews(generate, score, n=2, min_positive=0.5, max_candidates=9, seed=0, round_cap=4))
+    assert [t for t, _ in out.reviews] == ["same text"] and out.accepted == 1 and not out.complete
+
+
+def test_seeded_reviews_replay_and_round_sizes_follow_the_acceptance_rate():
+    def p_of(text):
+        return 0.95 if sum(map(ord, text)) % 3 == 0 else 0.1
+
+    runs = [asyncio.run(collect_reviews(*_fakes(p_of)[:2], n=3, min_positive=0.9, max_candidates=64, seed=42,
+                                        round_cap=16)) for _ in range(2)]
+    assert runs[0].reviews == runs[1].reviews and runs[0].candidates == runs[1].candidates
+    assert round_size(need=3, generated=0, accepted=0, budget_left=100, cap=16) == 6
+    assert round_size(need=2, generated=10, accepted=1, budget_left=100, cap=16) == 16
+    assert round_size(need=2, generated=10, accepted=5, budget_left=3, cap=16) == 3
+    assert round_size(need=4, generated=10, accepted=10, budget_left=100, cap=16) == 4
