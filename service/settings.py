@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     backend: Literal["onnx", "torch"] = Field("onnx", description="inference runtime")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
     classifier_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
-        "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU) is faster but its scores "
-        "depend slightly on the batch: dynamic quantization scales each batch as a whole")
+        "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only) scores one text per "
+        "model call, so that a score never depends on its batch; batched fp32 is faster")
     generator_precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto = fp32 on CPU, fp16 on CUDA")
     threads: int | None = Field(None, ge=1, description="intra-op threads per model (unset = all cores)")
 

@@ -1,0 +1,137 @@
+"""Loading the served models from the settings: precision choice, warm-up, and start-up errors
+that name the file and the command that builds it (no HTTP, no BentoML here)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from glowing import artifacts as A
+from service.settings import Settings
+
+log = logging.getLogger("bentoml.glowing")  # under "bentoml": shown by BentoML's logging config
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says which file and which command fixes it."""
+
+
+def build_hint(settings: Settings) -> str:
+    return (f"`make serve ARTIFACTS={settings.artifacts}` builds whatever is missing "
+            f"(`make models`, then `make export`), or set GLOWING_ARTIFACTS to a built artifacts directory")
+
+
+def read_manifest(settings: Settings) -> dict[str, Any]:
+    path = Path(settings.artifacts) / A.MANIFEST
+    if not path.is_file():
+        raise StartupError(f"{path} is missing: no trained models in {settings.artifacts}; {build_hint(settings)}")
+    try:
+        return A.read_manifest(settings.artifacts)
+    except ValueError as err:
+        raise StartupError(f"{err}; {build_hint(settings)}") from err
+
+
+def model_dir(kind: str, settings: Settings) -> Path:
+    """The exact model directory (not the artifacts root: given a root without onnx/, the runtime
+    would look for the model in the root itself and blame a missing tokenizer there)."""
+    root = Path(settings.artifacts)
+    return root / A.ONNX / kind if settings.backend == "onnx" else root / kind
+
+
+def preflight(settings: Settings) -> list[str]:
+    """Check, without loading a model, that every file the service will read is there and intact:
+    the manifest, each model's config and tokenizer, and its weights for the chosen precision, with
+    ONNX files compared to the sha256 the export recorded. Returns the files checked; raises
+    ``StartupError`` naming the first bad one. ``bentoml serve`` runs it once before starting any
+    worker, because a worker that fails in ``__init__`` is restarted forever instead of failing."""
+    from glowing.runtime.files import (ONNX_FILES, ModelFileError, read_json, rebuild_hint, require_file,
+                                       resolve_model_dir)
+
+    manifest = read_manifest(settings)
+    recorded = manifest.get(A.ONNX, {}).get("files", {})
+    checked = []
+    for kind in (A.CLASSIFIER, A.GENERATOR):
+        try:
+            path = resolve_model_dir(model_dir(kind, settings), kind, settings.backend)
+            fix = rebuild_hint(path, settings.backend)
+            read_json(path / "config.json", "the model config", fix)
+            read_json(path / "tokenizer.json", "the tokenizer", fix)
+            if settings.backend == "onnx":
+                weights = require_file(path / ONNX_FILES[precision(kind, settings)], "the ONNX model", fix)
+            else:
+                names = [n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+                weights = require_file(path / (names[0] if names else "model.safetensors"), "the weights", fix)
+            entry = recorded.get(f"{kind}/{weights.name}") if settings.backend == "onnx" else None
+            if entry and (weights.stat().st_size != entry["bytes"] or A.sha256_file(weights) != entry["sha256"]):
+                raise ModelFileError(weights, "differs from the file the export recorded in manifest.json "
+                                              "(size or sha256): it is truncated or was replaced", fix)
+        except ModelFileError as err:
+            raise StartupError(f"cannot load the {kind}: {err}; {build_hint(settings)}") from err
+        checked.append(str(weights))
+    return checked
+
+
+def _on_cuda(settings: Settings) -> bool:
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    if settings.backend == "onnx":
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precision(kind: str, settings: Settings) -> str:
+    chosen = settings.classifier_precision if kind == A.CLASSIFIER else settings.generator_precision
+    if chosen != "auto":
+        return chosen
+    # Not int8 on CPU: dynamic quantization scales a batch as a whole, so int8 must score one text
+    # per call to keep a text's score independent of its batch, and fp32 in batches of 8-32 is
+    # faster than that (export.bench, 2 cores: 403 vs 177 sequences/s at 128 tokens).
+    return "fp16" if _on_cuda(settings) else "fp32"
+
+
+def load(kind: str, settings: Settings):
+    """The warmed-up scorer or generator that ``settings`` ask for."""
+    from glowing.runtime import DeviceError, ModelFileError, SamplingSettings, load_generator, load_scorer
+
+    read_manifest(settings)  # no manifest: nothing was trained here, say so before any model error
+    chosen = precision(kind, settings)
+    common = dict(backend=settings.backend, device=settings.device, precision=chosen, threads=settings.threads)
+    try:
+        if kind == A.CLASSIFIER:
+            # int8 keeps the runtime's one text per call: batched, its scores would move with the batch
+            rows = None if chosen == "int8" else settings.scorer_max_batch_size
+            model = load_scorer(model_dir(kind, settings), batch_size=rows, **common)
+            model.score(["A warm-up review: the first call allocates what every later call reuses."])
+        else:
+            model = load_generator(model_dir(kind, settings), **common)
+            model.generate(["This movie"], SamplingSettings(max_new_tokens=2, seed=0))
+    except ModelFileError as err:
+        raise StartupError(f"cannot load the {kind}: {err}; {build_hint(settings)}") from err
+    except DeviceError as err:
+        raise StartupError(f"cannot load the {kind} ({settings.backend}, {settings.device}, {chosen}): {err}") from err
+    log.info("%s loaded and warmed up: %s", kind, model.info())
+    return model
+
+
+def describe(kind: str, model, settings: Settings) -> dict[str, Any]:
+    """What ``/info`` shows of a loaded model: version, file, precision, the providers really active."""
+    info = model.info()
+    root = Path(settings.artifacts)
+    file = Path(info["model_file"])
+    if file.is_dir():  # the torch backend names its model directory
+        file = next((file / n for n in ("model.safetensors", "pytorch_model.bin") if (file / n).is_file()), file)
+    rel = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
+    manifest = A.read_manifest(root)
+    onnx_files = manifest.get(A.ONNX, {}).get("files", {})
+    entry = onnx_files.get(Path(rel).relative_to(A.ONNX).as_posix()) if rel.startswith(f"{A.ONNX}/") else None
+    version = entry["sha256"][:12] if entry else (A.sha256_file(file)[:12] if file.is_file() else None)
+    return {"version": version, "file": rel, "backend": info["backend"], "precision": info["precision"],
+            "device": info["device"], "providers": list(info["providers"]),
+            **{k: info[k] for k in ("max_length", "n_positions", "threads") if k in info},
+            "trained": manifest.get("models", {}).get(kind, {}).get("source"),
+            "exported_at": manifest.get(A.ONNX, {}).get("exported_at") if settings.backend == "onnx" else None}

@@ -1,0 +1,193 @@
+"""The HTTP surface: three BentoML services composed with ``bentoml.depends``.
+
+    make serve                                   # builds missing artifacts, then serves on :3000
+    GLOWING_ARTIFACTS=artifacts bentoml serve    # from the repository root (bentofile.yaml)
+
+``Scorer`` and ``Generator`` each hold one model behind a batchable method: concurrent
+requests merge into one model call (``max_batch_size``, ``max_latency_ms`` from the settings).
+``Glowing`` is the API: ``/score``, ``/generate``, ``/reviews`` and ``/info`` (GET or POST);
+BentoML adds ``/livez``, ``/readyz`` (200 once every model is loaded and warmed up) and
+``/metrics``. The decorator values below are read from the settings when this module is
+imported; everything else is read when a service starts.
+"""
+
+import asyncio
+import secrets
+
+import bentoml
+
+from glowing import artifacts as A
+from service import batching, metrics, models, schemas
+from service.errors import Guard, from_exception
+from service.reviews import collect_reviews
+from service.settings import Settings, get_settings
+
+SETTINGS = get_settings()
+REQUESTS = schemas.request_models(SETTINGS)
+GPU = {"gpu": 1} if SETTINGS.device == "cuda" else None
+
+
+@bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
+                 traffic={"timeout": SETTINGS.timeout})
+class Scorer:
+    def __init__(self) -> None:
+        self.settings = get_settings()
+        self.model = models.load(A.CLASSIFIER, self.settings)
+        self.metrics = metrics.get()
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.scorer_max_batch_size,
+                 max_latency_ms=SETTINGS.scorer_max_latency_ms)
+    def score(self, texts: list[str]) -> list[float]:
+        self.metrics.batch_size.labels(model=A.CLASSIFIER).observe(len(texts))
+        return self.model.score(texts)
+
+    @bentoml.api
+    def describe(self) -> dict:
+        return models.describe(A.CLASSIFIER, self.model, self.settings)
+
+
+@bentoml.service(name="glowing-generator", workers=SETTINGS.generator_workers, resources=GPU,
+                 traffic={"timeout": SETTINGS.timeout})
+class Generator:
+    def __init__(self) -> None:
+        self.settings = get_settings()
+        self.model = models.load(A.GENERATOR, self.settings)
+        self.metrics = metrics.get()
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.generator_max_batch_size,
+                 max_latency_ms=SETTINGS.generator_max_latency_ms)
+    def generate(self, items: list[schemas.GenerationItem]) -> list[list[str]]:
+        """Per item, its ``n`` continuations (prompt excluded)."""
+        self.metrics.batch_size.labels(model=A.GENERATOR).observe(len(items))
+        return batching.generate_batch(items, self.model.generate, self.settings.generator_max_rows,
+                                       on_call=self.metrics.generator_call_rows.observe)
+
+    @bentoml.api
+    def describe(self) -> dict:
+        return models.describe(A.GENERATOR, self.model, self.settings)
+
+
+@bentoml.service(name="glowing", workers=SETTINGS.api_workers,
+                 traffic={"timeout": SETTINGS.timeout + 10})  # our own timeout answers first, in the envelope
+class Glowing:
+    scorer = bentoml.depends(Scorer)
+    generator = bentoml.depends(Generator)
+
+    def __init__(self) -> None:
+        self.settings = get_settings()
+        self.manifest = models.read_manifest(self.settings)
+        self.metrics = metrics.get()
+
+    @bentoml.on_deployment
+    def preflight() -> None:
+        """Runs once in the `bentoml serve` process before any worker starts: missing or corrupt
+        artifacts stop the server with a message, instead of workers restarting in a loop."""
+        try:
+            models.preflight(get_settings())
+        except models.StartupError as err:
+            raise SystemExit(f"glowing: cannot start: {err}") from None
+
+    @bentoml.api(route="/score", input_spec=REQUESTS.score)
+    async def score(self, **request) -> schemas.ScoreResponse:
+        """P(positive) and a label for each text, in order."""
+        return await self._answer(self._score(request["texts"]))
+
+    @bentoml.api(route="/generate", input_spec=REQUESTS.generate)
+    async def generate(self, **request) -> schemas.GenerateResponse:
+        """``n`` reviews that start with the prompt, each scored."""
+        return await self._answer(self._generate(request))
+
+    @bentoml.api(route="/reviews", input_spec=REQUESTS.reviews)
+    async def reviews(self, **request) -> schemas.ReviewsResponse:
+        """Up to ``n`` reviews with p_positive >= min_positive, best first, generated in rounds
+        within a budget of ``max_candidates``; ``complete`` is false when the budget ran out first."""
+        return await self._answer(self._reviews(request))
+
+    @bentoml.api(route="/info", input_spec=REQUESTS.info)
+    async def info(self) -> schemas.InfoResponse:
+        """Model versions, backend, active execution providers, batching, limits, evaluation metrics
+        (also served on GET /info)."""
+        return await self._answer(self._info())
+
+    # ---- plain helpers: an @bentoml.api method calling another on self would deadlock --------
+
+    async def _answer(self, work):
+        try:
+            return await asyncio.wait_for(work, self.settings.timeout)
+        except Exception as err:  # the client gets the envelope; the log gets the traceback
+            return from_exception(err).response()
+
+    async def _scores(self, texts: list[str]) -> list[float]:
+        scores = await self.scorer.to_async.score(texts)
+        if len(scores) != len(texts):
+            raise RuntimeError(f"the scorer answered {len(scores)} scores for {len(texts)} texts")
+        return scores
+
+    async def _continuations(self, request: dict, n: int, seed: int) -> list[str]:
+        item = schemas.GenerationItem(prompt=request["prompt"], n=n, max_new_tokens=request["max_new_tokens"],
+                                      temperature=request["temperature"], top_p=request["top_p"],
+                                      top_k=request["top_k"], seed=seed)
+        [continuations] = await self.generator.to_async.generate([item])
+        return [request["prompt"] + c for c in continuations]
+
+    async def _score(self, texts: list[str]) -> schemas.ScoreResponse:
+        scores = await self._scores(texts)
+        return schemas.ScoreResponse(results=[schemas.Score(label=schemas.label(p), p_positive=p) for p in scores])
+
+    async def _generate(self, request: dict) -> schemas.GenerateResponse:
+        seed = _seed(request)
+        texts = await self._continuations(request, request["n"], seed)
+        scores = await self._scores(texts)
+        return schemas.GenerateResponse(seed=seed, reviews=[_review(t, p) for t, p in zip(texts, scores)])
+
+    async def _reviews(self, request: dict) -> schemas.ReviewsResponse:
+        seed = _seed(request)
+        out = await collect_reviews(lambda count, round_seed: self._continuations(request, count, round_seed),
+                                    self._scores, n=request["n"], min_positive=request["min_positive"],
+                                    max_candidates=request["max_candidates"], seed=seed,
+                                    round_cap=self.settings.reviews_round_size)
+        self.metrics.reviews_candidates.observe(out.candidates)
+        self.metrics.reviews_acceptance.observe(out.acceptance_rate)
+        self.metrics.generated_total.inc(out.candidates)
+        self.metrics.accepted_total.inc(out.accepted)
+        stats = schemas.ReviewsStats(candidates=out.candidates, accepted=out.accepted, rounds=out.rounds,
+                                     acceptance_rate=out.acceptance_rate, elapsed_ms=round(out.elapsed_s * 1e3, 1))
+        return schemas.ReviewsResponse(reviews=[_review(t, p) for t, p in out.reviews], complete=out.complete,
+                                       seed=seed, stats=stats)
+
+    async def _info(self) -> schemas.InfoResponse:
+        classifier, generator = await asyncio.gather(self.scorer.to_async.describe(),
+                                                     self.generator.to_async.describe())
+        s = self.settings
+        return schemas.InfoResponse(
+            service={"name": "glowing", "backend": s.backend, "device": s.device, "bentoml": bentoml.__version__,
+                     "preset": self.manifest.get("preset"), "artifacts": str(s.artifacts)},
+            models={A.CLASSIFIER: classifier, A.GENERATOR: generator},
+            batching={A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size,
+                                     "max_latency_ms": s.scorer_max_latency_ms, "workers": s.scorer_workers},
+                      A.GENERATOR: {"max_batch_size": s.generator_max_batch_size,
+                                    "max_latency_ms": s.generator_max_latency_ms,
+                                    "max_rows_per_call": s.generator_max_rows, "workers": s.generator_workers}},
+            limits=limits(s), metrics=A.flatten(self.manifest.get("metrics", {})))
+
+
+def limits(s: Settings) -> dict:
+    return {name: getattr(s, name) for name in ("max_texts", "max_text_chars", "max_prompt_chars", "max_n",
+                                                  "max_new_tokens", "max_candidates", "reviews_round_size",
+                                                  "max_concurrency", "timeout")}
+
+
+def _seed(request: dict) -> int:
+    return request["seed"] if request["seed"] is not None else secrets.randbelow(schemas.SEED_MAX + 1)
+
+
+def _review(text: str, p: float) -> schemas.Review:
+    return schemas.Review(text=text, p_positive=p, label=schemas.label(p))
+
+
+Glowing.add_asgi_middleware(
+    Guard, models={"/score": REQUESTS.score, "/generate": REQUESTS.generate, "/reviews": REQUESTS.reviews,
+                   "/info": REQUESTS.info},
+    max_concurrency=SETTINGS.max_concurrency,
+    # JSON may spend up to 6 bytes on a character (\uXXXX); the rest is field names and slack
+    max_body_bytes=SETTINGS.max_texts * (SETTINGS.max_text_chars * 6 + 16) + 65_536)
