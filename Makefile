@@ -30,3 +30,20 @@ models: install  ## train every model into $(ARTIFACTS)/ (PRESET=tiny|cpu|gpu, D
 
 clean-models:  ## delete $(ARTIFACTS)/
 	rm -rf $(ARTIFACTS)
+
+# ---- service --------------------------------------------------------------------------------
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: serve
+
+# File targets, so that `make serve` builds only what is missing: trained models, then the export.
+# Order-only (|): the export rewrites manifest.json, which must not make parity.json look stale.
+$(ARTIFACTS)/manifest.json: | $(VENV)/.installed
+	$(MAKE) models
+
+$(ARTIFACTS)/onnx/parity.json: | $(ARTIFACTS)/manifest.json
+	$(MAKE) export
+
+serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT) (builds missing models and export first)
+	GLOWING_ARTIFACTS=$(ARTIFACTS) $(VENV)/bin/bentoml serve --host $(HOST) --port $(PORT)
