@@ -73,6 +73,9 @@ def from_exception(err: BaseException) -> ApiError:
         return from_validation(err)
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
         return ApiError(504, "the request did not finish in time; ask for fewer or shorter reviews, or retry")
+    if _connection_error(err):
+        log.error("a model service is unreachable", exc_info=err)
+        return ApiError(503, "a model service is unavailable; retry later")
     status = int(getattr(getattr(err, "error_code", None), "value", 0) or 0)  # BentoML between services
     if status in (429, 503):
         return ApiError(503, "the models are overloaded; retry later")
@@ -80,6 +83,14 @@ def from_exception(err: BaseException) -> ApiError:
         return ApiError(504, "the models did not answer in time; retry later")
     log.error("internal error", exc_info=err)
     return ApiError(500, "internal error; the server log has the details")
+
+
+def _connection_error(err: BaseException) -> bool:
+    try:
+        import aiohttp  # BentoML's client between services
+    except ImportError:
+        return False
+    return isinstance(err, aiohttp.ClientConnectionError)
 
 
 class Guard:

@@ -12,6 +12,7 @@ imported; everything else is read when a service starts.
 """
 
 import asyncio
+import logging
 import secrets
 
 import bentoml
@@ -22,6 +23,7 @@ from service.errors import Guard, from_exception
 from service.reviews import collect_reviews
 from service.settings import Settings, get_settings
 
+log = logging.getLogger("bentoml.glowing")
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
 GPU = {"gpu": 1} if SETTINGS.device == "cuda" else None
@@ -118,7 +120,7 @@ class Glowing:
             return from_exception(err).response()
 
     async def _scores(self, texts: list[str]) -> list[float]:
-        scores = await self.scorer.to_async.score(texts)
+        scores = await _retrying(self.scorer.to_async.score, texts)
         if len(scores) != len(texts):
             raise RuntimeError(f"the scorer answered {len(scores)} scores for {len(texts)} texts")
         return scores
@@ -127,7 +129,7 @@ class Glowing:
         item = schemas.GenerationItem(prompt=request["prompt"], n=n, max_new_tokens=request["max_new_tokens"],
                                       temperature=request["temperature"], top_p=request["top_p"],
                                       top_k=request["top_k"], seed=seed)
-        [continuations] = await self.generator.to_async.generate([item])
+        [continuations] = await _retrying(self.generator.to_async.generate, [item])
         return [request["prompt"] + c for c in continuations]
 
     async def _score(self, texts: list[str]) -> schemas.ScoreResponse:
@@ -175,6 +177,23 @@ def limits(s: Settings) -> dict:
     return {name: getattr(s, name) for name in ("max_texts", "max_text_chars", "max_prompt_chars", "max_n",
                                                   "max_new_tokens", "max_candidates", "reviews_round_size",
                                                   "max_concurrency", "timeout")}
+
+
+async def _retrying(call, batch: list, attempts: int = 3):
+    """``call(batch)`` again when the connection to the model service broke before an answer.
+
+    BentoML 1.4.39's client replaces its HTTP session every 100 requests and closes the old one
+    under requests still in flight, which then fail with ServerDisconnectedError. Both model calls
+    are safe to repeat: scoring is a pure function, and generation is seeded per row."""
+    import aiohttp
+
+    for attempt in range(attempts):
+        try:
+            return await call(batch)
+        except aiohttp.ClientConnectionError:
+            if attempt == attempts - 1:
+                raise
+            log.warning("connection to a model service lost (attempt %d of %d); retrying", attempt + 1, attempts)
 
 
 def _seed(request: dict) -> int:

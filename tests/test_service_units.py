@@ -280,3 +280,26 @@ def test_seeded_reviews_replay_and_round_sizes_follow_the_acceptance_rate():
     assert round_size(need=2, generated=10, accepted=1, budget_left=100, cap=16) == 16
     assert round_size(need=2, generated=10, accepted=5, budget_left=3, cap=16) == 3
     assert round_size(need=4, generated=10, accepted=10, budget_left=100, cap=16) == 4
+
+
+def test_a_lost_model_connection_is_retried_then_answered_503():
+    import aiohttp
+
+    from service.service import _retrying
+
+    calls = []
+
+    async def flaky(batch):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return [0.5] * len(batch)
+
+    async def down(batch):
+        raise aiohttp.ClientOSError("Can not write request body")
+
+    assert asyncio.run(_retrying(flaky, ["a", "b"])) == [0.5, 0.5] and len(calls) == 2
+    with pytest.raises(aiohttp.ClientConnectionError) as info:
+        asyncio.run(_retrying(down, ["a"]))
+    err = errors.from_exception(info.value)
+    assert (err.status, err.type) == (503, "overloaded")
