@@ -37,12 +37,13 @@ PORT ?= 3000
 
 .PHONY: serve
 
-# File targets, so that `make serve` builds only what is missing: trained models, then the export.
-# Order-only (|): the export rewrites manifest.json, which must not make parity.json look stale.
-$(ARTIFACTS)/manifest.json: | $(VENV)/.installed
+# File targets, so that `make serve` builds only what is missing: the trained models (their
+# stage records, written when a stage completes: manifest.json is written before training), then
+# the export. Order-only (|): retraining or exporting again is an explicit `make models`/`make export`.
+$(ARTIFACTS)/classifier/stage.json $(ARTIFACTS)/generator/stage.json &: | $(VENV)/.installed
 	$(MAKE) models
 
-$(ARTIFACTS)/onnx/parity.json: | $(ARTIFACTS)/manifest.json
+$(ARTIFACTS)/onnx/parity.json: | $(ARTIFACTS)/classifier/stage.json $(ARTIFACTS)/generator/stage.json
 	$(MAKE) export
 
 serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT) (builds missing models and export first)
