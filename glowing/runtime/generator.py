@@ -78,7 +78,8 @@ class Generator:
             if len(keep) < len(active):
                 keep_rows = np.asarray(keep, dtype=np.int64)
                 past = self._lm.select(past, keep_rows)
-                active, tokens, mask, lengths = active[keep_rows], tokens[keep_rows], mask[keep_rows], lengths[keep_rows]
+                active, tokens = active[keep_rows], tokens[keep_rows]
+                mask, lengths = mask[keep_rows], lengths[keep_rows]
             mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
             logits, past = self._lm.forward(tokens[:, None], mask, lengths[:, None].astype(np.int64), past)
             lengths = lengths + 1

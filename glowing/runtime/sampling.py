@@ -28,11 +28,13 @@ class SamplingSettings:
             if not ok:
                 raise ValueError(f"SamplingSettings.{name}={getattr(self, name)!r}: {rule}")
 
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens", "must be an int >= 0")
+        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens",
+              "must be an int >= 0")
         check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be finite and >= 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an int >= 0")
-        check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed", "must be None or an int >= 0")
+        check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed",
+              "must be None or an int >= 0")
 
     @property
     def greedy(self) -> bool:

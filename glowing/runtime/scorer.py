@@ -17,6 +17,8 @@ from glowing.runtime.files import TextCodec
 from glowing.text import normalize
 
 Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+HEAD_CHARS_PER_TOKEN = 8  # generous: English BPE tokens average 4-5 characters
+HEAD_MARGIN = 4  # tokens past max_length that a cut head must still produce
 
 
 class Scorer:
@@ -41,15 +43,30 @@ class Scorer:
         return {**self._info, "max_length": self.max_length, "batch_size": self.batch_size}
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids per text: normalized, special tokens added, truncated to ``max_length``."""
-        encodings = self._codec.tokenizer.encode_batch([normalize(t) for t in texts])
+        """Token ids per text: normalized, special tokens added, truncated to ``max_length``.
+
+        Only the head of a long text is tokenized (tokenizing a whole 2,000-word review to keep
+        128 tokens cost more than the int8 model): cut at a space well past what ``max_length``
+        tokens can span, and kept only when the head still overflows by ``HEAD_MARGIN`` tokens,
+        so the ids are those of the whole text (tested against transformers' tokenizer)."""
+        texts = [normalize(t) for t in texts]
+        limit = self.max_length * HEAD_CHARS_PER_TOKEN
+        heads = [_head(t, limit) for t in texts]
+        encodings = self._codec.tokenizer.encode_batch(heads)
+        redo = [i for i, (text, head, enc) in enumerate(zip(texts, heads, encodings))
+                if len(head) < len(text) and sum(len(o.ids) for o in enc.overflowing) < HEAD_MARGIN]
+        for i, enc in zip(redo, self._codec.tokenizer.encode_batch([texts[i] for i in redo])):
+            encodings[i] = enc
         # An empty text may encode to nothing without an end-of-text post-processor.
-        return [e.ids or [self._codec.eos_id if self._codec.eos_id is not None else self._codec.pad_id]
-                for e in encodings]
+        empty = [self._codec.eos_id if self._codec.eos_id is not None else self._codec.pad_id]
+        return [e.ids or empty for e in encodings]
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """Raw logits, shape ``(len(texts), num_labels)``, in input order."""
-        ids = self.encode(texts)
+        return self.logits_from_ids(self.encode(texts))
+
+    def logits_from_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """Logits of already encoded texts (see ``encode``): what the benchmark times as the model."""
         order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
         out: np.ndarray | None = None
         for start in range(0, len(order), self.batch_size):
@@ -57,18 +74,28 @@ class Scorer:
             input_ids, mask = right_pad([ids[i] for i in rows], self._codec.pad_id)
             logits = self._forward(input_ids, mask)
             if out is None:
-                out = np.empty((len(texts), logits.shape[-1]), dtype=np.float32)
+                out = np.empty((len(ids), logits.shape[-1]), dtype=np.float32)
             out[rows] = logits
         return out if out is not None else np.empty((0, 2), dtype=np.float32)
 
     def score(self, texts: list[str]) -> list[float]:
         """P(positive) per text, in input order."""
-        logits = self.logits(texts).astype(np.float64)
+        return self.probabilities(self.logits(texts))
+
+    def probabilities(self, logits: np.ndarray) -> list[float]:
+        logits = logits.astype(np.float64)
         if len(logits) == 0:
             return []
         logits -= logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)
         return (probs[:, self._positive] / probs.sum(axis=-1)).tolist()
+
+
+def _head(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[:cut] if cut > 0 else text
 
 
 def right_pad(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
