@@ -69,7 +69,8 @@ def classifier_logits(onnx_dir: Path, torch_dir: Path, reviews: Reviews, batch_s
             "tokens": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths)},
             "padding_share": round(pads / (pads + sum(lengths)), 3),
             "max_abs_diff_same_batches": diff_same, "max_abs_diff_runtime": diff_runtime,
-            "threshold": LOGITS_ATOL, "passed": max(diff_same, diff_runtime) <= LOGITS_ATOL}
+            "max_abs_diff": max(diff_same, diff_runtime), "threshold": LOGITS_ATOL,
+            "passed": max(diff_same, diff_runtime) <= LOGITS_ATOL}
 
 
 def make_prompts(reviews: Reviews, n: int, tokenizer, budget: int) -> list[str]:
