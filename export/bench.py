@@ -1,17 +1,18 @@
 """CPU benchmark of the runtime backends, side by side in one process.
 
-    python -m export.bench --artifacts artifacts --data-dir ../shared/data    # about 3 min on 2 cores
-    python -m export.bench --artifacts /tmp/g-tiny --repeats 3                # tiny models: about 1 min
+    python -m export.bench --artifacts artifacts --data-dir ../shared/data          # about 2 min, 2 cores
+    python -m export.bench --artifacts artifacts --threads 1 --clock cpu            # a shared machine
 
-Classifier: sequences/s of PyTorch fp32, ORT fp32 and ORT int8 through ``Scorer.score`` at batch
-sizes 1, 8 and 32, on real IMDB test reviews long enough to be truncated to exactly 128 and 256
-tokens. Generator: new tokens/s of the runtime's decoding loop on PyTorch and on ORT (and of
-transformers' ``generate`` as a second PyTorch reference) at batch 1 and 8, prompts = openings
-of real reviews, sampling top-k 50 / top-p 0.95, seeded, so both backends draw the same tokens.
-Each figure is the median of ``--repeats`` timed passes; the backends take turns within every
-repeat, so load from other processes hits them alike. Writes OUT/bench.json and OUT/bench.md
-and prints the table. Targets: ORT int8 >= 2.5x PyTorch fp32 at batch 32; ORT generation >= 1.3x
-PyTorch.
+Classifier: sequences/s of PyTorch fp32, ORT fp32 and ORT int8 at batch sizes 1, 8 and 32 (texts
+per call), on real IMDB test reviews long enough to be truncated to exactly 128 and 256 tokens;
+each twice: "model" (token ids in, logits out: what Optimum's speed-ups measure) and "end to
+end" (``Scorer.score``: texts in, P(positive) out, tokenization included). Generator: new
+tokens/s of the runtime's decoding loop on PyTorch and on ORT, and of transformers' ``generate``
+as a second PyTorch reference, at batch 1 and 8; prompts = openings of real reviews, sampling
+top-k 50 / top-p 0.95, seeded. Every figure is the median of ``--repeats`` passes; contenders take
+turns within each repeat, so other load hits them alike. Writes OUT/bench.json (raw passes too)
+and OUT/bench.md, and prints the table. Targets: ORT int8 >= 2.5x PyTorch fp32 at batch 32;
+ORT generation >= 1.3x PyTorch.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def race(work: dict[str, Callable[[], int]], repeats: int, clock: str) -> dict[s
     return {**{name: statistics.median(r) for name, r in rates.items()}, "raw": rates}
 
 
-def bench_classifier(artifacts: Path, texts: list[str], repeats: int, threads: int | None,
-                     clock: str) -> list[dict[str, Any]]:
+def bench_classifier(artifacts: Path, texts: list[str], repeats: int, threads: int | None, clock: str,
+                     lengths: tuple[int, ...] = LENGTHS, per_pass: int = TEXTS_PER_PASS) -> list[dict[str, Any]]:
     rows = []
-    for length in LENGTHS:
+    for length in lengths:
         if length > _max_length(artifacts):
             log.warning("classifier max_length %d < %d: skipped", _max_length(artifacts), length)
             continue
@@ -64,9 +65,9 @@ def bench_classifier(artifacts: Path, texts: list[str], repeats: int, threads: i
         scorers = {name: load_scorer(dirs[backend], backend, "cpu", precision, threads=threads, max_length=length)
                    for name, backend, precision in CLF_BACKENDS}
         pool = [t for t, ids in zip(texts, scorers["ORT fp32"].encode(texts)) if len(ids) >= length]
-        if len(pool) < TEXTS_PER_PASS:
-            raise DataError(f"only {len(pool)} reviews reach {length} tokens; need {TEXTS_PER_PASS}")
-        pool = pool[:TEXTS_PER_PASS]
+        if len(pool) < per_pass:
+            raise DataError(f"only {len(pool)} reviews reach {length} tokens; need {per_pass}")
+        pool = pool[:per_pass]
         ids = scorers["ORT fp32"].encode(pool)
         for batch in CLF_BATCHES:
             for scope, run in (("model", _logits_all), ("end_to_end", _score_all)):
@@ -214,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
                     help="wall: elapsed time (an idle machine); cpu: CPU time of this process, which other "
                          "processes' load does not inflate: use it with --threads 1 on a shared machine")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default: 64)")
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
+                    help="comma-separated token lengths the reviews are truncated to (default: 128,256)")
+    ap.add_argument("--texts", type=int, default=TEXTS_PER_PASS,
+                    help=f"reviews scored per timed pass (default: {TEXTS_PER_PASS})")
     ap.add_argument("--skip-generator", action="store_true", help="classifier only")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
@@ -224,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("glowing.runtime").setLevel(logging.WARNING)
-    if args.repeats < 1 or args.max_new_tokens < 1:
-        log.error("--repeats and --max-new-tokens must be >= 1")
+    try:
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+    except ValueError:
+        lengths = ()
+    if min(args.repeats, args.max_new_tokens, args.texts) < 1 or not lengths or min(lengths) < 2:
+        log.error("--repeats, --max-new-tokens and --texts must be >= 1, --lengths integers >= 2 (e.g. 128,256)")
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenization on the timed thread, like the models
     artifacts = Path(args.artifacts)
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                   "repeats": args.repeats, "clock": args.clock, "threads": args.threads or "runtime default",
                   "int8_isa": _manifest_onnx(artifacts).get("int8_isa", "?"), "machine": machine(),
                   "models": models(artifacts)}
-        report["classifier"] = bench_classifier(artifacts, reviews.texts, args.repeats, args.threads, args.clock)
+        report["classifier"] = bench_classifier(artifacts, reviews.texts, args.repeats, args.threads, args.clock,
+                                                lengths, args.texts)
         report["generator"] = ([] if args.skip_generator else
                                bench_generator(artifacts, reviews.texts, args.repeats, args.threads,
                                                args.max_new_tokens, args.clock))

@@ -141,3 +141,20 @@ def test_cli_help_explains_every_flag():
                  "--seed"):
         assert flag in text
     assert main(["--artifacts", "x", "--gen-tokens", "0"]) == 2
+
+
+def test_bench_runs_every_contender_and_writes_the_table(exported, export_data_dir, tmp_path):
+    from export.bench import main as bench
+
+    out = tmp_path / "bench"
+    assert bench(["--artifacts", str(exported), "--data-dir", str(export_data_dir), "--out", str(out),
+                  "--repeats", "1", "--lengths", "12", "--texts", "8", "--max-new-tokens", "4"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    clf = report["classifier"]
+    assert {(r["scope"], r["max_length"], r["batch"]) for r in clf} == {
+        (s, 12, b) for s in ("model", "end_to_end") for b in (1, 8, 32)}
+    assert all(r[k] > 0 for r in clf for k in ("PyTorch fp32", "ORT fp32", "ORT int8"))
+    assert [r["batch"] for r in report["generator"]] == [1, 8]
+    assert all(r[k] > 0 for r in report["generator"] for k in ("PyTorch", "ORT fp32", "PyTorch HF generate"))
+    table = (out / "bench.md").read_text()
+    assert "| tokens | batch | PyTorch fp32 | ORT fp32 | ORT int8 |" in table and "ORT / PyTorch" in table
