@@ -60,6 +60,13 @@ def test_truncation_at_max_length_and_normalization(scorers):
     assert scorer.score(["Good.<br />Bad."])[0] == pytest.approx(scorer.score(["Good.\nBad."])[0], abs=1e-7)
 
 
+def test_int8_rows_in_parallel_score_as_one_at_a_time(exported):
+    parallel = load_scorer(exported, "onnx", "cpu", "int8", threads=3)
+    serial = load_scorer(exported, "onnx", "cpu", "int8", threads=1)
+    assert (parallel.row_workers, serial.row_workers) == (3, 1)
+    assert parallel.score(TEXTS * 3) == serial.score(TEXTS * 3)
+
+
 @pytest.mark.parametrize("max_length", [8, 13, 48])
 def test_encoding_equals_transformers_tokenizer(exported, export_data_dir, max_length):
     """The scorer tokenizes only the head of a long text: the ids must still be those of the whole."""

@@ -8,6 +8,7 @@ reads its logit at the last non-pad token and its positions start at 0 on every 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,10 +24,14 @@ HEAD_MARGIN = 4  # tokens past max_length that a cut head must still produce
 
 class Scorer:
     def __init__(self, forward: Forward, codec: TextCodec, *, max_length: int, positive_index: int,
-                 batch_size: int, info: dict[str, Any]):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+                 batch_size: int, info: dict[str, Any], row_workers: int = 1):
+        """``row_workers`` > 1 (with ``batch_size`` 1): texts are scored on that many threads at once,
+        one model call each; for a backend whose calls release the GIL and are thread-safe (ORT)."""
+        if batch_size < 1 or row_workers < 1:
+            raise ValueError(f"batch_size={batch_size}, row_workers={row_workers}: both must be >= 1")
         self._forward = forward
+        self._pool = ThreadPoolExecutor(row_workers, "glowing-score") if row_workers > 1 and batch_size == 1 else None
+        self.row_workers = row_workers if self._pool else 1
         self._codec = codec
         self._positive = positive_index
         self.max_length = max_length
@@ -40,7 +45,8 @@ class Scorer:
     model_file = property(lambda self: Path(self._info["model_file"]))
 
     def info(self) -> dict[str, Any]:
-        return {**self._info, "max_length": self.max_length, "batch_size": self.batch_size}
+        return {**self._info, "max_length": self.max_length, "batch_size": self.batch_size,
+                "row_workers": self.row_workers}
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text: normalized, special tokens added, truncated to ``max_length``.
@@ -67,6 +73,9 @@ class Scorer:
 
     def logits_from_ids(self, ids: list[list[int]]) -> np.ndarray:
         """Logits of already encoded texts (see ``encode``): what the benchmark times as the model."""
+        if self._pool is not None and len(ids) > 1:
+            rows = self._pool.map(lambda seq: self._forward(*right_pad([seq], self._codec.pad_id))[0], ids)
+            return np.stack(list(rows)).astype(np.float32, copy=False)
         order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
         out: np.ndarray | None = None
         for start in range(0, len(order), self.batch_size):
