@@ -8,7 +8,7 @@ ARTIFACTS ?= artifacts
 DATA_DIR  ?= $(if $(wildcard ../shared/data/imdb),../shared/data,)
 TRAIN_ARGS ?=
 
-.PHONY: help install test models clean-models
+.PHONY: help install test models clean-models export bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ models: install  ## train every model into $(ARTIFACTS)/ (PRESET=tiny|cpu|gpu, D
 
 clean-models:  ## delete $(ARTIFACTS)/
 	rm -rf $(ARTIFACTS)
+
+export: install  ## export $(ARTIFACTS)/ to ONNX (fp32, int8, fp16) with parity checks, into $(ARTIFACTS)/onnx/
+	$(PYTHON) -m export --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+bench: install  ## CPU benchmark PyTorch vs ONNX Runtime on $(ARTIFACTS)/ -> reports/bench/
+	$(PYTHON) -m export.bench --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench
 
 # ---- service --------------------------------------------------------------------------------
 HOST ?= 127.0.0.1
