@@ -46,6 +46,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; the service may run as another user
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")

@@ -89,8 +89,8 @@ def precision(kind: str, settings: Settings) -> str:
     if chosen != "auto":
         return chosen
     # Not int8 on CPU: dynamic quantization scales a batch as a whole, so int8 must score one text
-    # per call to keep a text's score independent of its batch, and fp32 in batches of 8-32 is
-    # faster than that (export.bench, 2 cores: 403 vs 177 sequences/s at 128 tokens).
+    # per call to keep a text's score independent of its batch; that is no faster than batched
+    # fp32 on this small classifier (make bench, README "ONNX export"), and fp32 is exact.
     return "fp16" if _on_cuda(settings) else "fp32"
 
 
