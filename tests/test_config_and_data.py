@@ -137,3 +137,8 @@ def test_pipeline_never_reads_imdb_test_for_training(tmp_path, monkeypatch):
         args += ["--set", item]
     assert main(args) == 0
     assert "imdb/test" not in loaded and "imdb/train" in loaded
+
+
+def test_classifier_vocab_needs_scratch():
+    with pytest.raises(ConfigError, match=r"classifier.vocab_size must be 0, or >= 300"):
+        load_config("tiny", ["classifier.vocab_size=5000", "classifier.init=lm"])

@@ -161,3 +161,15 @@ def test_summary_prints_headline_metrics_and_stage_times(tiny_artifacts, capsys)
     metrics = A.flatten(A.read_manifest(tiny_artifacts)["metrics"])
     assert f"| classifier accuracy, IMDB test | {metrics['classifier.imdb_test.accuracy']:.4f} |" in out
     assert "| eval-generator |" in out and "**total**" in out
+
+
+def test_classifier_with_its_own_vocabulary(tiny_data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "own-vocab"
+    assert main(_args(tiny_data_dir, out, "--stages", "classifier", "--set", "classifier.vocab_size=320")) == 0
+    tok = AutoTokenizer.from_pretrained(out / "classifier")
+    assert len(tok) == 320 and not (out / "classifier/bpe").exists()
+    assert not (out / "tokenizer").exists()  # it did not need the pipeline tokenizer
+    assert tok("great movie")["input_ids"][-1] == tok.eos_token_id
+    assert A.read_manifest(out)["models"]["classifier"]["vocab_size"] == 320

@@ -85,6 +85,9 @@ class GeneratorConfig:
 @dataclass
 class ClassifierConfig:
     init: str = SCRATCH  # "scratch", "lm" (ULMFiT: start from the LM body) or a hub id / local dir
+    # With init = "scratch": 0 shares the pipeline's tokenizer; N > 0 trains the classifier its own
+    # byte-level BPE of N tokens on IMDB train+unsup (whole words help a shallow classifier).
+    vocab_size: int = 0
     n_layer: int = 2  # architecture when init = "scratch" (a GPT-2 shape)
     n_embd: int = 128
     n_head: int = 4
@@ -99,6 +102,8 @@ class ClassifierConfig:
     def validate(self) -> None:
         if self.init == SCRATCH:
             _validate_model("classifier", self)
+        _check(self.vocab_size == 0 or (self.vocab_size >= 300 and self.init == SCRATCH), "classifier.vocab_size",
+               "must be 0, or >= 300 with classifier.init = \"scratch\"")
         _check(self.max_length >= 8, "classifier.max_length", "must be >= 8")
         _check(self.batch_size >= 1, "classifier.batch_size", "must be >= 1")
         _check(self.epochs >= 1, "classifier.epochs", "must be >= 1")

@@ -46,7 +46,8 @@ def inputs_of(stage: str, cfg: Config) -> list[str]:
         "tokenizer": [],
         "lm": ["tokenizer"],
         "generator": ["lm"],
-        "classifier": ["tokenizer"] + (["lm"] if cfg.classifier.init == "lm" else []),
+        "classifier": {SCRATCH: [] if cfg.classifier.vocab_size else ["tokenizer"], "lm": ["lm"]}.get(
+            cfg.classifier.init, []),
         "baseline": [],
         "eval-classifier": ["classifier", "baseline"],
         "eval-generator": ["generator", "classifier", "baseline"],
@@ -60,7 +61,7 @@ def config_of(stage: str, cfg: Config) -> dict[str, Any]:
         "tokenizer": {"tokenizer": d["tokenizer"], "lm.init": cfg.lm.init},
         "lm": {"lm": d["lm"]},
         "generator": {"generator": d["generator"]},
-        "classifier": {"classifier": d["classifier"]},
+        "classifier": {"classifier": d["classifier"], "min_frequency": cfg.tokenizer.min_frequency},
         "baseline": {"baseline": d["baseline"]},
         "eval-classifier": {"batch_size": cfg.eval.batch_size},
         "eval-generator": {"eval": d["eval"]},

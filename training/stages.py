@@ -6,6 +6,7 @@ Each reads its inputs from ``pipeline.out`` (earlier stages) and writes only int
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,13 @@ def generator(p: Pipeline, out: Path) -> dict:
 def classifier(p: Pipeline, out: Path) -> dict:
     cfg = p.cfg.classifier
     _seed(p, 2)
-    model, tok = clf.build_classifier(cfg, p.path("tokenizer"), p.path("lm"))
+    tokenizer_dir = p.path("tokenizer")
+    if cfg.vocab_size:
+        log.info("classifier: training its own byte-level BPE (vocab %d)", cfg.vocab_size)
+        tokenizer_dir = out / "bpe"
+        tok_mod.save(tok_mod.train_bpe(p.fit.texts + p.unsup.texts, cfg.vocab_size, p.cfg.tokenizer.min_frequency),
+                     tokenizer_dir)
+    model, tok = clf.build_classifier(cfg, tokenizer_dir, p.path("lm"))
     model.to(dev.resolve(p.cfg.device))
     n_params = sum(x.numel() for x in model.parameters())
     log.info("classifier: init=%s, %.2fM parameters, %d training reviews, max_length %d",
@@ -128,8 +135,10 @@ def classifier(p: Pipeline, out: Path) -> dict:
     result = clf.train_classifier(model, tok, cfg, p.fit.texts, p.fit.labels, p.val.texts, p.val.labels, p.cfg.seed)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    shutil.rmtree(out / "bpe", ignore_errors=True)  # the tokenizer now sits beside the model
     (out / "max_length.txt").write_text(f"{cfg.max_length}\n")
-    return {"models": {"classifier": {"source": cfg.init, "architecture": model.config.architectures[0]
+    return {"models": {"classifier": {"source": cfg.init, "vocab_size": len(tok),
+                                      "architecture": model.config.architectures[0]
                                       if model.config.architectures else type(model).__name__,
                                       "parameters": n_params, "max_length": cfg.max_length,
                                       "epochs": result.epochs, "best_epoch": result.best_epoch,
