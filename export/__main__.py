@@ -34,6 +34,7 @@ from export import fuse, onnx_export, parity, quantize
 from export.onnx_export import ExportError
 from export.reviews import DataError, load_imdb_test
 from glowing import artifacts as A
+from glowing import logs
 from glowing.runtime import ModelFileError
 
 log = logging.getLogger("export")
@@ -156,10 +157,7 @@ def _opset(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "optimum", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(args.verbose, quiet=("optimum", "transformers"))
     for flag in ("int8_sample", "parity_sample", "gen_prompts", "gen_tokens"):
         if getattr(args, flag) < (0 if flag == "int8_sample" else 1):
             log.error("--%s=%d: must be >= %d", flag.replace("_", "-"), getattr(args, flag),

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from export.__main__ import default_data_dir
 from export.reviews import DataError, load_imdb_test
 from glowing import artifacts as A
+from glowing import logs
 from glowing.runtime import ModelFileError, SamplingSettings, load_generator, load_scorer
 
 log = logging.getLogger("export.bench")
@@ -226,9 +227,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("glowing.runtime").setLevel(logging.WARNING)
+    logs.configure(args.verbose, quiet=("glowing.runtime",))
     try:
         lengths = tuple(int(x) for x in args.lengths.split(","))
     except ValueError:

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from glowing import logs
 from training.config import ConfigError, available_presets, load_config
 from training.data import DataError
 from training.pipeline import STAGES, Pipeline, StageError
@@ -54,11 +55,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)  # even if already configured
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(args.verbose)
     overrides = list(args.overrides)
     if args.generator_from:
         overrides.append(f"lm.init={json.dumps(args.generator_from)}")
