@@ -105,7 +105,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int) -
         enc = tokenizer([generation_prompt(p, tokenizer.bos_token) for p in batch], return_tensors="pt",
                         padding=True, add_special_tokens=False).to(dev.of(model))
         tokens = model.generate(**enc, do_sample=True, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new = tokens[:, enc["input_ids"].shape[1]:]
         out.extend(p + tokenizer.decode(row, skip_special_tokens=True) for p, row in zip(batch, new))
