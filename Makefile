@@ -54,3 +54,9 @@ $(ARTIFACTS)/onnx/parity.json: | $(ARTIFACTS)/classifier/stage.json $(ARTIFACTS)
 
 serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT) (builds missing models and export first)
 	GLOWING_ARTIFACTS=$(ARTIFACTS) $(VENV)/bin/bentoml serve --host $(HOST) --port $(PORT)
+
+# ---- load test ------------------------------------------------------------------------------
+.PHONY: loadtest
+
+loadtest: install $(ARTIFACTS)/onnx/parity.json  ## Locust ladder (batching on/off, onnx/torch, int8/fp32) -> reports/loadtest/ (about 8 min)
+	$(PYTHON) -m loadtests.run --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/loadtest

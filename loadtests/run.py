@@ -1,0 +1,300 @@
+"""Load-test the served API: each scenario's server, a ladder of users, one report.
+
+    .venv/bin/python -m loadtests.run --artifacts artifacts --out reports/loadtest     # `make loadtest`
+    .venv/bin/python -m loadtests.run --scenarios batching,no-batching --users 1,8,32 --duration 10
+    .venv/bin/python -m loadtests.run --smoke --artifacts /tmp/tiny-artifacts --out /tmp/lt
+
+For each scenario (a set of ``GLOWING_*`` settings) it starts ``bentoml serve`` on a free loopback
+port, waits for ``/readyz``, runs headless Locust (its own CLI process) once per user count for
+``--duration`` seconds, scrapes ``/metrics`` around every step (observed batch sizes), stops the
+server, and finally writes ``summary.json``, ``report.md`` and PNG plots into ``--out``.
+
+Every scenario raises ``GLOWING_MAX_CONCURRENCY`` to 256, above the top of the ladder, so that the
+ladder measures the models and the batching, not the admission limit (which sheds with 503).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from loadtests import payloads, report
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+READY_S = 180
+MAX_CONCURRENCY = "256"
+
+# name -> (GLOWING_* settings, what it shows). The baseline is onnx, fp32, adaptive batching on.
+SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
+    "batching": ({}, "ONNX Runtime, fp32 classifier, adaptive batching (defaults)"),
+    # BentoML refuses max_batch_size 1 ("'max_batch_size' must be > 1") and has no switch that turns a
+    # batchable method's dispatcher off: 2 is the least batching it serves.
+    "no-batching": ({"GLOWING_SCORER_MAX_BATCH_SIZE": "2", "GLOWING_GENERATOR_MAX_BATCH_SIZE": "2"},
+                    "as batching, with max_batch_size 2 for both models (the least BentoML accepts)"),
+    "torch": ({"GLOWING_BACKEND": "torch"}, "PyTorch backend, fp32, adaptive batching"),
+    "int8": ({"GLOWING_CLASSIFIER_PRECISION": "int8"}, "ONNX Runtime, dynamic-int8 classifier "
+             "(scores one text per model call by design)"),
+}
+ENDPOINTS = {"score": "ScoreUser", "generate": "GenerateUser", "reviews": "ReviewsUser"}
+SMOKE = {"scenarios": "batching", "users": "1,4", "duration": 5}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+class Server:
+    """``bentoml serve`` in its own process group on a free loopback port (as tests/test_service_http.py)."""
+
+    def __init__(self, artifacts: Path, log: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {**os.environ, "GLOWING_ARTIFACTS": str(artifacts), "BENTOML_DO_NOT_TRACK": "True",
+                    "GLOWING_MAX_CONCURRENCY": MAX_CONCURRENCY, **env}
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bentoml", "serve", "service.service:Glowing", "--host", "127.0.0.1",
+                 "--port", str(self.port)], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < READY_S:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if http_get(f"{self.url}/readyz", timeout=2)[0] == 200:
+                    return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"not ready after {READY_S} s:\n{self.output()[-3000:]}")
+
+    def metrics(self) -> str:
+        try:
+            return http_get(f"{self.url}/metrics")[1]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM to the process group, SIGKILL after 10 s; then SIGKILL whatever is left of the server's
+        descendants: BentoML's API worker runs in a process group of its own and can outlive the group."""
+        family = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def descendants(root: int) -> list[int]:
+    """Process ids below ``root`` (Linux /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def cpu_seconds(server: Server) -> dict[str, float]:
+    """CPU seconds used so far by each process of the server, by role (``glowing``, ``glowing-scorer``,
+    ``glowing-generator``, ``arbiter``), and by this process's finished children (the Locust runs)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in [server.proc.pid, *descendants(server.proc.pid)]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        role = "arbiter"
+        if b"--service-name" in args:
+            role = args[args.index(b"--service-name") + 1].decode()
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["locust"] = usage.ru_utime + usage.ru_stime
+    return out
+
+
+def batch_histogram(metrics: str, model: str) -> dict[str, float]:
+    """sum and count of ``glowing_batch_size{model=...}`` from a Prometheus text page."""
+    out = {"sum": 0.0, "count": 0.0}
+    for key in out:
+        m = re.search(rf'^glowing_batch_size_{key}\{{[^}}]*model="{model}"[^}}]*\}} ([0-9.eE+-]+)$', metrics, re.M)
+        if m:
+            out[key] = float(m.group(1))
+    return out
+
+
+def run_locust(url: str, user_class: str, users: int, duration: int, prefix: Path, env: dict[str, str],
+               log: Path) -> int:
+    cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), user_class, "--headless",
+           "-u", str(users), "-r", str(users), "-t", f"{duration}s", "--stop-timeout", "10", "--host", url,
+           "--csv", str(prefix), "--json-file", str(prefix), "--only-summary", "--loglevel", "WARNING"]
+    with open(log, "wb") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=duration + 90)
+    return proc.returncode
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, default=Path(os.environ.get("GLOWING_ARTIFACTS", "artifacts")),
+                    help="artifacts folder the service serves (GLOWING_ARTIFACTS; default: artifacts)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma list of scenarios, the first one is the baseline of the ratios; known: "
+                    + "; ".join(f"{k} = {v[1]}" for k, v in SCENARIOS.items()) + " (default: all)")
+    ap.add_argument("--users", default="1,4,16,32,64",
+                    help="ladder of concurrent Locust users, one step each (default: 1,4,16,32,64)")
+    ap.add_argument("--duration", type=int, default=15, help="seconds per step (default: 15)")
+    ap.add_argument("--endpoint", default="score", choices=list(ENDPOINTS),
+                    help="the endpoint under load: score (default), generate or reviews")
+    ap.add_argument("--wait", default="0", help="seconds each user waits between requests: 0 (default, "
+                    "closed loop) or a range like 0.5-2 (LOADTEST_WAIT)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="folder with imdb/test.parquet for the payloads "
+                    "(default: $GLOWING_DATA_DIR or ../shared/data; built-in examples when missing)")
+    ap.add_argument("--out", type=Path, default=Path("reports/loadtest"),
+                    help="output folder: summary.json, report.md, *.png, raw/ (default: reports/loadtest)")
+    ap.add_argument("--smoke", action="store_true", help="a quick check, under a minute: scenario batching, "
+                    f"users {SMOKE['users']}, {SMOKE['duration']} s steps (overrides those three flags)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.scenarios, args.users, args.duration = SMOKE["scenarios"], SMOKE["users"], SMOKE["duration"]
+    args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in args.scenario_list if s not in SCENARIOS]
+    if unknown or not args.scenario_list:
+        ap.error(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
+    try:
+        args.user_list = [int(u) for u in args.users.split(",")]
+        assert args.user_list and all(u >= 1 for u in args.user_list)
+    except (ValueError, AssertionError):
+        ap.error(f"--users: a comma list of positive integers, got {args.users!r}")
+    if args.duration < 1:
+        ap.error("--duration: at least 1 second")
+    if not (args.artifacts / "manifest.json").is_file():
+        ap.error(f"--artifacts: {args.artifacts} has no manifest.json (make models && make export)")
+    return args
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server
+    out: Path = args.out
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    payload_file = raw / "payloads.json"
+    pl = payloads.write(payload_file, args.data_dir)
+    locust_env = {"LOADTEST_PAYLOADS": str(payload_file.resolve()), "LOADTEST_WAIT": args.wait}
+    user_class = ENDPOINTS[args.endpoint]
+    started = time.time()
+    results = []
+    for name in args.scenario_list:
+        env, description = SCENARIOS[name]
+        server = Server(args.artifacts.resolve(), raw / f"{name}_serve.log", env)
+        try:
+            try:
+                ready_s = server.wait_ready()
+            except RuntimeError as e:  # record it and go on with the other scenarios
+                print(f"[{name}] did not start: {e}", flush=True)
+                results.append({"name": name, "env": env, "description": description, "ready_s": None,
+                                "error": str(e)[-2000:], "steps": []})
+                continue
+            print(f"[{name}] ready after {ready_s:.1f} s on {server.url}", flush=True)
+            steps = []
+            for users in args.user_list:
+                prefix = raw / f"{name}_{args.endpoint}_u{users}"
+                page = server.metrics()
+                before = batch_histogram(page, "classifier"), batch_histogram(page, "generator")
+                cpu_before, t0 = cpu_seconds(server), time.monotonic()
+                rc = run_locust(server.url, user_class, users, args.duration, prefix, locust_env,
+                                Path(f"{prefix}_locust.log"))
+                cpu_after, wall = cpu_seconds(server), time.monotonic() - t0
+                page = server.metrics()
+                after = batch_histogram(page, "classifier"), batch_histogram(page, "generator")
+                step = report.read_step(prefix, args.endpoint)
+                step["cpu_ms_per_request"] = {role: round((cpu_after[role] - cpu_before.get(role, 0.0))
+                                                         / max(step["requests"], 1) * 1000, 2)
+                                             for role in cpu_after}  # CPU ms per request, by process
+                step["cpu_cores_busy"] = round(sum(cpu_after[r] - cpu_before.get(r, 0.0) for r in cpu_after) / wall, 2)
+                step.update(users=users, locust_rc=rc, batches={
+                    model: {"batches": a["count"] - b["count"], "items": a["sum"] - b["sum"],
+                            "mean": round((a["sum"] - b["sum"]) / (a["count"] - b["count"]), 2)
+                            if a["count"] > b["count"] else None}
+                    for model, b, a in zip(("classifier", "generator"), before, after)})
+                steps.append(step)
+                print(f"[{name}] {users:>3} users: {step['rps']:.1f} req/s, p50 {step['p50']} ms, "
+                      f"p95 {step['p95']} ms, p99 {step['p99']} ms, {step['requests']} requests, "
+                      f"{step['failures']} failed ({step['shed']} shed), mean classifier batch "
+                      f"{step['batches']['classifier']['mean']}", flush=True)
+            results.append({"name": name, "env": env, "description": description, "ready_s": round(ready_s, 1),
+                            "steps": steps})
+        finally:
+            server.stop()
+    summary = {
+        "endpoint": args.endpoint, "users": args.user_list, "duration_s": args.duration, "wait": args.wait,
+        "max_concurrency": int(MAX_CONCURRENCY), "artifacts": str(args.artifacts),
+        "payloads": {"source": pl["source"], "texts": len(pl["texts"]), "prompts": len(pl["prompts"])},
+        "machine": machine(),
+        "command": "python -m loadtests.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "elapsed_s": round(time.time() - started, 1), "scenarios": results,
+    }
+    report.write(summary, out)
+    print(f"report: {out / 'report.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
