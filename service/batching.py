@@ -64,3 +64,12 @@ def generate_batch(items: Sequence[GenerationItem], generate: GenerateFn, max_ro
         for row, text in zip(call, texts, strict=True):
             out[row.item][row.index] = text
     return out
+
+
+def decorator(max_batch_size: int, max_latency_ms: int) -> dict:
+    """``@bentoml.api`` arguments for a model method: adaptive batching, or none at all when
+    ``max_batch_size`` is 1 (BentoML refuses a batchable API below 2). The method takes and
+    returns a list either way; unbatched, each request is its own model call."""
+    if max_batch_size <= 1:
+        return {}
+    return {"batchable": True, "max_batch_size": max_batch_size, "max_latency_ms": max_latency_ms}

@@ -37,8 +37,7 @@ class Scorer:
         self.model = models.load(A.CLASSIFIER, self.settings)
         self.metrics = metrics.get()
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.scorer_max_batch_size,
-                 max_latency_ms=SETTINGS.scorer_max_latency_ms)
+    @bentoml.api(**batching.decorator(SETTINGS.scorer_max_batch_size, SETTINGS.scorer_max_latency_ms))
     def score(self, texts: list[str]) -> list[float]:
         self.metrics.batch_size.labels(model=A.CLASSIFIER).observe(len(texts))
         return self.model.score(texts)
@@ -56,8 +55,7 @@ class Generator:
         self.model = models.load(A.GENERATOR, self.settings)
         self.metrics = metrics.get()
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.generator_max_batch_size,
-                 max_latency_ms=SETTINGS.generator_max_latency_ms)
+    @bentoml.api(**batching.decorator(SETTINGS.generator_max_batch_size, SETTINGS.generator_max_latency_ms))
     def generate(self, items: list[schemas.GenerationItem]) -> list[list[str]]:
         """Per item, its ``n`` continuations (prompt excluded)."""
         self.metrics.batch_size.labels(model=A.GENERATOR).observe(len(items))

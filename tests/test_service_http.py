@@ -238,6 +238,32 @@ def test_overload_is_shed_with_503(exported, tmp_path):
         srv.stop()
 
 
+def test_batch_size_one_serves_without_adaptive_batching(exported, tmp_path):
+    srv = Server(exported, tmp_path / "serve.log", GLOWING_SCORER_MAX_BATCH_SIZE="1",
+                 GLOWING_GENERATOR_MAX_BATCH_SIZE="1")
+
+    def calls_and_texts() -> tuple[float, float]:
+        text = srv.metrics()
+        def get(part: str) -> float:  # the series appears with the first request
+            found = re.findall(rf'glowing_batch_size_{part}\{{model="classifier"\}} ([0-9.e+]+)', text)
+            return float(found[0]) if found else 0.0
+
+        return get("count"), get("sum")
+
+    try:
+        srv.wait_ready()
+        calls0, texts0 = calls_and_texts()
+        with cf.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda t: srv.post("/score", {"texts": [t]}), TEXTS * 4))
+        assert all(r.status_code == 200 for r in answers)
+        calls1, texts1 = calls_and_texts()
+        assert calls1 - calls0 == texts1 - texts0 == len(TEXTS) * 4  # one model call per request
+        gen = srv.post("/generate", {**SAMPLING, "n": 2, "seed": 3})
+        assert gen.status_code == 200 and len(gen.json()["reviews"]) == 2
+    finally:
+        srv.stop()
+
+
 def test_missing_artifacts_stop_the_server_with_the_file_and_the_command(tmp_path):
     srv = Server(tmp_path / "no-artifacts", tmp_path / "serve.log")
     try:

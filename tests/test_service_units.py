@@ -303,3 +303,10 @@ def test_a_lost_model_connection_is_retried_then_answered_503():
         asyncio.run(_retrying(down, ["a"]))
     err = errors.from_exception(info.value)
     assert (err.status, err.type) == (503, "overloaded")
+
+
+def test_batch_size_one_turns_adaptive_batching_off():
+    from service.batching import decorator
+
+    assert decorator(1, 500) == {}  # BentoML refuses batchable APIs with max_batch_size < 2
+    assert decorator(8, 500) == {"batchable": True, "max_batch_size": 8, "max_latency_ms": 500}
