@@ -131,7 +131,7 @@ def markdown(summary: dict) -> str:
     if head:
         verdict = "met" if head["met"] else "**missed**"
         lines += [f"**Adaptive batching: {head['ratio']}x** the throughput of the `no-batching` scenario "
-                  f"(`max_batch_size` 2, the least BentoML accepts) at {head['users']} users "
+                  f"(`max_batch_size` 1: one model call per request) at {head['users']} users "
                   f"(target {head['target']}x: {verdict}).", ""]
         names = {sc["name"]: sc for sc in summary["scenarios"]}
         on, off = _at(names["batching"]["steps"], head["users"]), _at(names["no-batching"]["steps"], head["users"])

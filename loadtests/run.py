@@ -42,8 +42,8 @@ SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
     "batching": ({}, "ONNX Runtime, fp32 classifier, adaptive batching (defaults)"),
     # BentoML refuses max_batch_size 1 ("'max_batch_size' must be > 1") and has no switch that turns a
     # batchable method's dispatcher off: 2 is the least batching it serves.
-    "no-batching": ({"GLOWING_SCORER_MAX_BATCH_SIZE": "2", "GLOWING_GENERATOR_MAX_BATCH_SIZE": "2"},
-                    "as batching, with max_batch_size 2 for both models (the least BentoML accepts)"),
+    "no-batching": ({"GLOWING_SCORER_MAX_BATCH_SIZE": "1", "GLOWING_GENERATOR_MAX_BATCH_SIZE": "1"},
+                    "as batching, with max_batch_size 1: adaptive batching off, one model call per request"),
     "torch": ({"GLOWING_BACKEND": "torch"}, "PyTorch backend, fp32, adaptive batching"),
     "int8": ({"GLOWING_CLASSIFIER_PRECISION": "int8"}, "ONNX Runtime, dynamic-int8 classifier "
              "(scores one text per model call by design)"),
