@@ -16,25 +16,20 @@ ladder measures the models and the batching, not the admission limit (which shed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from loadtests import payloads, report
+from loadtests.server import ROOT, Server, descendants
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-READY_S = 180
 MAX_CONCURRENCY = "256"
 
 # name -> (GLOWING_* settings, what it shows). The baseline is onnx, fp32, adaptive batching on.
@@ -50,92 +45,6 @@ SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
 }
 ENDPOINTS = {"score": "ScoreUser", "generate": "GenerateUser", "reviews": "ReviewsUser"}
 SMOKE = {"scenarios": "batching", "users": "1,4", "duration": 5}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-
-
-class Server:
-    """``bentoml serve`` in its own process group on a free loopback port (as tests/test_service_http.py)."""
-
-    def __init__(self, artifacts: Path, log: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full_env = {**os.environ, "GLOWING_ARTIFACTS": str(artifacts), "BENTOML_DO_NOT_TRACK": "True",
-                    "GLOWING_MAX_CONCURRENCY": MAX_CONCURRENCY, **env}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service.service:Glowing", "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < READY_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if http_get(f"{self.url}/readyz", timeout=2)[0] == 200:
-                    return time.monotonic() - started
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"not ready after {READY_S} s:\n{self.output()[-3000:]}")
-
-    def metrics(self) -> str:
-        try:
-            return http_get(f"{self.url}/metrics")[1]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL after 10 s; then SIGKILL whatever is left of the server's
-        descendants: BentoML's API worker runs in a process group of its own and can outlive the group."""
-        family = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        for pid in family:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def descendants(root: int) -> list[int]:
-    """Process ids below ``root`` (Linux /proc), children first."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        found += children
-        frontier = children
-    return found
 
 
 def cpu_seconds(server: Server) -> dict[str, float]:
@@ -242,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.scenario_list:
         env, description = SCENARIOS[name]
-        server = Server(args.artifacts.resolve(), raw / f"{name}_serve.log", env)
+        server = Server(args.artifacts.resolve(), raw / f"{name}_serve.log",
+                        {"GLOWING_MAX_CONCURRENCY": MAX_CONCURRENCY, **env})
         try:
             try:
                 ready_s = server.wait_ready()

@@ -5,69 +5,31 @@ a start-up failure. About a minute on 2 CPU cores (the tiny export included)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
+from loadtests.server import Server as ServedGlowing
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Great film.", "Awful, boring, a waste of time.", "It was fine.<br /><br />Not more.",
          " ".join(["The plot was moving and the cast was wonderful."] * 30)]
 SAMPLING = {"prompt": "This movie", "max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 50}
-READY_S = 90
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServedGlowing):
+    """The shared launcher (loadtests/server.py), failing the test instead of raising, with httpx helpers."""
 
-
-class Server:
     def __init__(self, artifacts: Path, log: Path, **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full_env = {**os.environ, "GLOWING_ARTIFACTS": str(artifacts), "BENTOML_DO_NOT_TRACK": "True", **env}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service.service:Glowing", "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)  # its own process group: stop() ends the workers too
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        super().__init__(artifacts, log, env)
 
     def wait_ready(self) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < READY_S:
-            if self.proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        pytest.fail(f"not ready after {READY_S} s:\n{self.output()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        try:
+            return super().wait_ready()
+        except RuntimeError as err:
+            pytest.fail(str(err))
 
     def post(self, path: str, body: dict, **kw) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=60, **kw)
