@@ -1,6 +1,6 @@
 """Export the trained classifier and generator to ONNX, with int8 and fp16 variants, and prove parity.
 
-    python -m export --artifacts artifacts --data-dir ../shared/data     # cpu-preset models: about 2 min
+    python -m export --artifacts artifacts --data-dir ../shared/data     # cpu-preset models: about 30 s
     python -m export --artifacts /tmp/g-tiny --int8-sample 1000         # tiny models: about 20 s
 
 Writes ARTIFACTS/onnx/:
