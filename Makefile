@@ -60,3 +60,32 @@ serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT
 
 loadtest: install $(ARTIFACTS)/onnx/parity.json  ## Locust ladder (batching on/off, onnx/torch, int8/fp32) -> reports/loadtest/ (about 8 min)
 	$(PYTHON) -m loadtests.run --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/loadtest
+
+# ---- deployment: Bentos, containers (docs/OPERATIONS.md) -----------------------------------
+# VARIANT: gpu (bentofile.yaml, onnxruntime-gpu with CUDA 13 from pip wheels), cpu (bentofile.cpu.yaml), all.
+VARIANT   ?= all
+MODEL_TAG ?=
+IMAGE_TAG ?= latest
+VARIANTS   = $(if $(filter all,$(VARIANT)),gpu cpu,$(VARIANT))
+BENTOFILE_gpu = bentofile.yaml
+BENTOFILE_cpu = bentofile.cpu.yaml
+
+.PHONY: bento container
+
+bento: install $(ARTIFACTS)/onnx/parity.json  ## Bentos with the models packed (VARIANT=gpu|cpu|all; MODEL_TAG=... else $(ARTIFACTS)' export, registered first)
+	@tag="$(MODEL_TAG)"; \
+	if [ -z "$$tag" ]; then tag=$$($(PYTHON) -m export.register --artifacts $(ARTIFACTS) --quiet) || exit 1; fi; \
+	for v in $(VARIANTS); do \
+	  f=$$(case $$v in gpu) echo $(BENTOFILE_gpu);; cpu) echo $(BENTOFILE_cpu);; *) echo "VARIANT=$$v: gpu, cpu or all" >&2; exit 2;; esac) || exit 2; \
+	  echo "building the $$v Bento from $$f with $$tag"; \
+	  GLOWING_MODEL_TAG=$$tag GLOWING_DEVICE=$$(test $$v = gpu && echo cuda || echo cpu) \
+	    $(VENV)/bin/bentoml build -f $$f || exit 1; \
+	done
+
+container:  ## docker image of the latest Bento per VARIANT, tagged glowing-VARIANT:$(IMAGE_TAG) (needs Docker)
+	@docker info >/dev/null 2>&1 || { \
+	  echo "make container: no Docker engine here ('docker info' fails). On a machine with Docker (and the Bento from 'make bento'," >&2; \
+	  echo "  moved with 'bentoml export glowing-gpu:latest glowing-gpu.bento' + 'bentoml import glowing-gpu.bento'), run:" >&2; \
+	  for v in $(VARIANTS); do echo "  bentoml containerize glowing-$$v:latest --image-tag glowing-$$v:$(IMAGE_TAG)" >&2; done; \
+	  exit 1; }
+	for v in $(VARIANTS); do $(VENV)/bin/bentoml containerize glowing-$$v:latest --image-tag glowing-$$v:$(IMAGE_TAG) || exit 1; done

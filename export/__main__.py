@@ -15,6 +15,8 @@ and records the files (sha256, bytes) under ``onnx`` in ARTIFACTS/manifest.json,
 figures under ``metrics.export``. Everything is built in a temporary folder and swapped in only
 when every parity check holds: a failed export leaves the previous onnx/ intact and its
 output, parity.json included, in ARTIFACTS/onnx.failed/ for inspection. Exit status 1 then.
+A successful export is then registered in BentoML's model store as glowing-models:<content hash>
+(export/register.py; --no-register skips it); a failed one registers nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                          "weights, much faster where the CPU has VNNI); auto picks avx512_vnni when this CPU "
                          "has AVX-512 VNNI or AVX-VNNI (default: auto). Quantize on the kind of CPU that serves")
     ap.add_argument("--seed", type=int, default=0, help="seed of the review samples (default: 0)")
+    ap.add_argument("--no-register", dest="register", action="store_false",
+                    help="do not register the export in BentoML's model store (registered by default, as "
+                         "glowing-models:<content hash>, once every parity check holds; see export/register.py)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
@@ -181,6 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"int8 accuracy vs fp32                    {int8['accuracy_int8']:.4f} vs {int8['accuracy_fp32']:.4f}"
           f"  ({int8['delta_points']:+.2f} points, {int8['reviews']} reviews)")
     print(f"written: {artifacts / A.ONNX}/ (parity.json, manifest key 'onnx')")
+    return _register(artifacts) if args.register else 0
+
+
+def _register(artifacts: Path) -> int:
+    """After parity held: the export is in place whatever happens here, so a failure says how to retry."""
+    from export import register
+
+    try:
+        tag, created = register.register(artifacts)
+    except Exception as err:  # noqa: BLE001  (store not writable, disk full...): the export itself stands
+        log.error("the export is in %s, but registering it in BentoML's model store failed: %s; retry with "
+                  "`python -m export.register --artifacts %s`", artifacts / A.ONNX, err, artifacts)
+        return 1
+    print(f"model store: {tag} ({'registered' if created else 'already registered, same files'})")
     return 0
 
 

@@ -18,7 +18,7 @@ import secrets
 import bentoml
 
 from glowing import artifacts as A
-from service import batching, metrics, models, schemas
+from service import batching, metrics, models, schemas, store
 from service.errors import Guard, from_exception
 from service.reviews import collect_reviews
 from service.settings import Settings, get_settings
@@ -26,14 +26,18 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("bentoml.glowing")
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
-GPU = {"gpu": 1} if SETTINGS.device == "cuda" else None
+# Half a GPU each: BentoML then places the scorer and the generator on the same device. With
+# {"gpu": 1} each, the second one is assigned GPU 1, which a one-GPU pod does not have.
+GPU = {"gpu": 0.5} if SETTINGS.device == "cuda" else None
 
 
 @bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
                  traffic={"timeout": SETTINGS.timeout})
 class Scorer:
+    packed_models = store.declared(SETTINGS)  # GLOWING_MODEL_TAG: `bentoml build` packs it
+
     def __init__(self) -> None:
-        self.settings = get_settings()
+        self.settings = store.resolve(get_settings())
         self.model = models.load(A.CLASSIFIER, self.settings)
         self.metrics = metrics.get()
 
@@ -50,8 +54,10 @@ class Scorer:
 @bentoml.service(name="glowing-generator", workers=SETTINGS.generator_workers, resources=GPU,
                  traffic={"timeout": SETTINGS.timeout})
 class Generator:
+    packed_models = store.declared(SETTINGS)
+
     def __init__(self) -> None:
-        self.settings = get_settings()
+        self.settings = store.resolve(get_settings())
         self.model = models.load(A.GENERATOR, self.settings)
         self.metrics = metrics.get()
 
@@ -74,7 +80,7 @@ class Glowing:
     generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
-        self.settings = get_settings()
+        self.settings = store.resolve(get_settings())
         self.manifest = models.read_manifest(self.settings)
         self.metrics = metrics.get()
 
@@ -83,7 +89,7 @@ class Glowing:
         """Runs once in the `bentoml serve` process before any worker starts: missing or corrupt
         artifacts stop the server with a message, instead of workers restarting in a loop."""
         try:
-            models.preflight(get_settings())
+            models.preflight(store.resolve(get_settings()))
         except models.StartupError as err:
             raise SystemExit(f"glowing: cannot start: {err}") from None
 
@@ -161,7 +167,8 @@ class Glowing:
         s = self.settings
         return schemas.InfoResponse(
             service={"name": "glowing", "backend": s.backend, "device": s.device, "bentoml": bentoml.__version__,
-                     "preset": self.manifest.get("preset"), "artifacts": str(s.artifacts)},
+                     "preset": self.manifest.get("preset"), "artifacts": str(s.artifacts),
+                     "model_tag": s.model_tag},
             models={A.CLASSIFIER: classifier, A.GENERATOR: generator},
             batching={A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size,
                                      "max_latency_ms": s.scorer_max_latency_ms, "workers": s.scorer_workers},

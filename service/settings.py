@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     scorer_workers: int = Field(1, ge=1, description="processes of the scorer service (one model copy each)")
     generator_workers: int = Field(1, ge=1, description="processes of the generator service (one model copy each)")
 
+    # ---- deployment: models from BentoML's model store (issue 6; see docs/OPERATIONS.md) ------
+    model_tag: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+                                  description="serve this model-store model (name:version or name:latest, "
+                                  "registered by `python -m export`) instead of GLOWING_ARTIFACTS; read when "
+                                  "service.py is imported, so that `bentoml build` packs it into the Bento. "
+                                  "Backend onnx only")
+
+    @model_validator(mode="after")
+    def _check_model_tag(self) -> Settings:
+        if self.model_tag and self.backend != "onnx":
+            raise ValueError(f"GLOWING_MODEL_TAG={self.model_tag} holds the ONNX export only: use "
+                             "GLOWING_BACKEND=onnx, or GLOWING_ARTIFACTS with the trained models for torch")
+        return self
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.max_candidates < self.max_n:

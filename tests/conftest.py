@@ -5,8 +5,11 @@ Everything is offline and built in seconds; nothing here reads ../shared or the 
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# BentoML's home (model store, Bentos) for this session only: the export registers its models and
+# the Bento tests build, and none of it may land in the user's ~/bentoml. Set before anything
+# imports bentoml, which reads it once; `bentoml serve` subprocesses inherit it.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="glowing-test-bentoml-")
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 
 POSITIVE = "great wonderful superb moving brilliant delightful loved best touching excellent".split()
 NEGATIVE = "awful boring terrible dull worst waste stupid bad painful mess".split()

@@ -42,6 +42,11 @@ def create_session(path: Path, *, device: str, precision: str, threads: int | No
         raise DeviceError(f"device=cuda, but this onnxruntime build has no {CUDA} (available: "
                           f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime")
     want_cuda = device == "cuda" or (device == "auto" and CUDA in available and precision != "int8")
+    if want_cuda and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN from the nvidia-* pip wheels (onnxruntime-gpu[cuda,cudnn], the GPU Bento) are
+        # not on the loader's path: load them first. A no-op on CPU builds and where the libraries
+        # come from the system (it then finds nothing to preload).
+        ort.preload_dlls()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
