@@ -1,0 +1,127 @@
+"""deploy/k8s: the manifests parse, ask for a GPU, probe the service's real health routes (also
+checked live against the served Bento in test_deploy.py), configure it only through real settings,
+and agree on ports. No cluster here: these are the checks that need none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+
+
+def documents() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "Kustomization":
+                docs[doc["kind"]] = doc
+    return docs
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    return documents()
+
+
+def container(k8s) -> dict:
+    [only] = k8s["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def test_manifests_parse_and_kustomization_lists_them_all(k8s):
+    assert set(k8s) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+                                                        if p.name != "kustomization.yaml")
+
+
+def test_one_gpu_per_pod_requested_and_limited(k8s):
+    resources = container(k8s)["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    assert "cpu" in resources["requests"]  # the HPA's utilization is relative to it
+    assert container(k8s)["image"].split(":")[0].endswith("glowing-gpu")
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert bentofile["name"] == "glowing-gpu"
+
+
+def test_probes_use_the_health_routes_on_the_http_port(k8s):
+    c = container(k8s)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"  # 200 only once both models are warm
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    names = {p["name"] for p in c["ports"]}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] in names
+
+
+def _environment(k8s) -> dict[str, str]:
+    env = dict(k8s["ConfigMap"]["data"])
+    for ref in container(k8s).get("envFrom", []):
+        assert ref["configMapRef"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
+    for item in container(k8s).get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:  # a resourceFieldRef: the value Kubernetes computes from the request (divisor 1)
+            field = item["valueFrom"]["resourceFieldRef"]
+            env[item["name"]] = str(container(k8s)["resources"]["requests"][field["resource"].split(".")[1]])
+    return env
+
+
+def test_every_environment_variable_is_a_real_setting_with_a_valid_value(k8s, monkeypatch):
+    env = _environment(k8s)
+    assert env
+    for name in env:
+        assert name.startswith("GLOWING_") and name.removeprefix("GLOWING_").lower() in Settings.model_fields, name
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()  # from the environment, as the service reads it
+    for name, value in env.items():
+        assert str(getattr(settings, name.removeprefix("GLOWING_").lower())) in (value, f"{float(value)}"
+                                                                                if value.isdigit() else value)
+
+
+def test_service_links_cannot_inject_glowing_variables(k8s):
+    """A Service named glowing makes Kubernetes inject GLOWING_SERVICE_HOST, GLOWING_PORT...: names
+    in the settings' namespace, so the pod turns that injection off."""
+    assert k8s["Service"]["metadata"]["name"].upper().startswith("GLOWING")
+    assert k8s["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_ports_agree_between_service_deployment_and_image(k8s):
+    c = container(k8s)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 3000}  # BentoML's port in the generated Dockerfile (EXPOSE 3000)
+    [svc_port] = k8s["Service"]["spec"]["ports"]
+    assert svc_port["targetPort"] in ports
+    pod = k8s["Deployment"]["spec"]["template"]
+    assert k8s["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert k8s["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == ports["http"]
+
+
+def test_autoscaler_targets_the_deployment_and_rollouts_keep_capacity(k8s):
+    hpa = k8s["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["kind"] == "Deployment"
+    assert hpa["scaleTargetRef"]["name"] == k8s["Deployment"]["metadata"]["name"]
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+    rolling = k8s["Deployment"]["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
+
+
+def test_operations_guide_lists_every_setting_with_its_default():
+    from deploy import settings_doc
+    from service.settings import env_table
+
+    assert settings_doc.main(["--check"]) == 0, "run `python -m deploy.settings_doc`"
+    text = settings_doc.DOC.read_text()
+    for name, default, _ in env_table():
+        assert f"| `{name}` | `{default}` |" in text
+    stale = text.replace("| `GLOWING_TIMEOUT` | `120.0` |", "| `GLOWING_TIMEOUT` | `60` |")
+    assert settings_doc.render(stale) == text  # what the check compares against: the table regenerated
