@@ -72,7 +72,8 @@ BENTOFILE_cpu = bentofile.cpu.yaml
 
 .PHONY: bento container
 
-bento: install $(ARTIFACTS)/onnx/parity.json  ## Bentos with the models packed (VARIANT=gpu|cpu|all; MODEL_TAG=... else $(ARTIFACTS)' export, registered first)
+# With MODEL_TAG the models come from the store: no artifacts needed (no training, no export).
+bento: install $(if $(MODEL_TAG),,$(ARTIFACTS)/onnx/parity.json)  ## Bentos with the models packed (VARIANT=gpu|cpu|all; MODEL_TAG=... else $(ARTIFACTS)' export, registered first)
 	@tag="$(MODEL_TAG)"; \
 	if [ -z "$$tag" ]; then tag=$$($(PYTHON) -m export.register --artifacts $(ARTIFACTS) --quiet) || exit 1; fi; \
 	for v in $(VARIANTS); do \
