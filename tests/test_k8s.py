@@ -125,3 +125,44 @@ def test_operations_guide_lists_every_setting_with_its_default():
         assert f"| `{name}` | `{default}` |" in text
     stale = text.replace("| `GLOWING_TIMEOUT` | `120.0` |", "| `GLOWING_TIMEOUT` | `60` |")
     assert settings_doc.render(stale) == text  # what the check compares against: the table regenerated
+
+
+def _apply(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 replace/remove/add, what kustomize does with these patches; a missing path raises."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key = int(last) if isinstance(node, list) else last
+        if op["op"] == "remove":
+            del node[key]
+        elif op["op"] == "replace":
+            node[key]  # noqa: B018  (replace needs the target to exist)
+            node[key] = op["value"]
+        else:
+            assert op["op"] == "add", op
+            node[key] = op["value"]
+    return doc
+
+
+def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
+    overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    patched = dict(k8s)
+    for patch in overlay["patches"]:
+        kind, name = patch["target"]["kind"], patch["target"]["name"]
+        assert patched[kind]["metadata"]["name"] == name
+        patched[kind] = _apply(patched[kind], yaml.safe_load(patch["patch"]))
+    c = container(patched)
+    assert c["image"].split(":")[0] == yaml.safe_load((ROOT / "bentofile.cpu.yaml").read_text())["name"]
+    assert "nvidia.com/gpu" not in c["resources"]["requests"] and "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert "tolerations" not in patched["Deployment"]["spec"]["template"]["spec"]
+    env = _environment(patched)
+    assert env["GLOWING_DEVICE"] == "cpu"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().device == "cpu"
