@@ -18,6 +18,10 @@ class StartupError(RuntimeError):
 
 
 def build_hint(settings: Settings) -> str:
+    if settings.model_tag:  # the files came from BentoML's model store (service/store.py)
+        return (f"the model-store model {settings.model_tag} is incomplete or damaged: `bentoml models delete "
+                f"{settings.model_tag}`, then register a good export again (`python -m export.register "
+                f"--artifacts ARTIFACTS`) and rebuild the Bento (`make bento`)")
     return (f"`make serve ARTIFACTS={settings.artifacts}` builds whatever is missing "
             f"(`make models`, then `make export`), or set GLOWING_ARTIFACTS to a built artifacts directory")
 

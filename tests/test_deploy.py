@@ -283,3 +283,18 @@ def test_make_container_without_docker_says_how(tmp_path):
     out = run(["make", "-s", "container"], PATH=f"{fake}:{os.environ['PATH']}")
     assert out.returncode != 0
     assert "no Docker engine" in out.stderr and "bentoml containerize glowing-gpu:latest" in out.stderr
+
+
+def test_a_damaged_store_model_is_named_with_how_to_replace_it(exported, tmp_path):
+    import shutil
+
+    from service import models
+    from service.settings import get_settings
+
+    copy = tmp_path / "store-model"
+    shutil.copytree(exported, copy)
+    (copy / "onnx" / "classifier" / "model.onnx").write_bytes(b"truncated")
+    settings = get_settings(model_tag="glowing-models:abc").model_copy(update={"artifacts": copy})
+    with pytest.raises(models.StartupError, match="model.onnx.*differs from the file the export recorded") as err:
+        models.preflight(settings)
+    assert "bentoml models delete glowing-models:abc" in str(err.value) and "make serve" not in str(err.value)
