@@ -35,7 +35,7 @@ def container(k8s) -> dict:
 
 
 def test_manifests_parse_and_kustomization_lists_them_all(k8s):
-    assert set(k8s) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    assert set(k8s) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
                                                         if p.name != "kustomization.yaml")
@@ -102,6 +102,7 @@ def test_ports_agree_between_service_deployment_and_image(k8s):
     pod = k8s["Deployment"]["spec"]["template"]
     assert k8s["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert k8s["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert k8s["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == ports["http"]
 
 
