@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from glowing import artifacts as A
+from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from tests.conftest import TINY_OVERRIDES
 from training.__main__ import main
 from training.config import ConfigError, RLConfig, load_config
@@ -136,7 +137,28 @@ def test_kl_matches_a_hand_computation_with_left_padding():
     ('rl.reward="accuracy"', "rl.reward"),
     ("rl.max_new_tokens=200", "rl.max_new_tokens"),  # past the tiny generator's 128 positions
     ("rl.steps=0", "rl.steps"),
+    ("rl.repetition_penalty=-1", "rl.repetition_penalty"),
+    ('rl.scale_rewards="sometimes"', "rl.scale_rewards"),
 ])
+def test_repetition_term_of_the_reward():
+    from training.rl import ClassifierReward, repeated_bigram_share
+
+    assert repeated_bigram_share("a great film") == 0.0
+    assert repeated_bigram_share("A great movie, a great movie") == pytest.approx(1 - 3 / 5)  # "a great" twice
+    assert repeated_bigram_share("great") == 0.0
+
+    class Fixed(ClassifierReward):
+        def score(self, texts):
+            import numpy as np
+
+            return np.ones(len(texts))
+
+    reward = Fixed(torch.nn.Linear(1, 1), None, 8, "logit", "<|endoftext|>", repetition_penalty=2.0)
+    assert reward(["<|endoftext|>It", "<|endoftext|>It"], [" is good", " is a a a a"]) == \
+        pytest.approx([1.0, 1.0 - 2.0 * (1 - 2 / 4)])
+    assert reward.texts(["<|endoftext|>It"], [" is good"]) == ["It is good"]
+
+
 def test_bad_rl_config_is_refused_naming_the_flag(override, flag):
     with pytest.raises(ConfigError, match=rf"{flag} .*--set {flag}=VALUE"):
         load_config("tiny", [override])
@@ -152,3 +174,31 @@ def test_all_leaves_out_the_optional_rl_stages(tiny_artifacts):
     manifest = A.read_manifest(tiny_artifacts)  # built with the default --stages all
     assert "eval-generator" in manifest["stages"] and "rl" not in manifest["stages"]
     assert not (tiny_artifacts / "rl").exists() and not (tiny_artifacts / "reports/rl").exists()
+
+
+def test_export_records_the_finetuned_generator_by_default(exported):
+    served = A.read_manifest(exported)["onnx"]["generator"]
+    assert served["choice"] == "finetuned" and served["dir"] == "generator"
+    assert served["trained"] == A.read_manifest(exported)["models"]["generator"]["source"]
+
+
+def test_export_of_the_rl_generator(rl_artifacts, export_data_dir, tmp_path, caplog):
+    from export.__main__ import main as export_main
+    from glowing.runtime import SamplingSettings, load_generator
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(rl_artifacts, root)
+    args = ["--artifacts", str(root), "--data-dir", str(export_data_dir), "--int8-sample", "200",
+            "--parity-sample", "16", "--gen-prompts", "4", "--gen-tokens", "8", "--generator", "rl"]
+    assert export_main(args) == 0
+    served = A.read_manifest(root)["onnx"]["generator"]
+    assert served == {"choice": "rl", "dir": "rl", "trained": A.read_manifest(root)["models"]["rl"]["source"],
+                      "fingerprint": A.read_manifest(root)["stages"]["rl"]["fingerprint"]}
+    greedy = SamplingSettings(max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    onnx_ids = load_generator(root / "onnx/generator", "onnx", "cpu").generate_ids(["This movie"], greedy)
+    assert onnx_ids == load_generator(root / "rl", "torch", "cpu").generate_ids(["This movie"], greedy)
+    # Without an rl/ folder the same command stops before writing anything, naming the stage to run.
+    shutil.rmtree(root / "rl")
+    caplog.clear()
+    assert export_main(args) == 2
+    assert "--stages rl" in caplog.text

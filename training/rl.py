@@ -41,13 +41,24 @@ def query_prompts(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: i
     return out
 
 
+def repeated_bigram_share(text: str) -> float:
+    """Share of a text's word bigrams that repeat an earlier bigram of the same text (words as
+    distinct-n counts them: whitespace-split, lower-cased); 0 for a text without repeats."""
+    words = text.lower().split()
+    grams = list(zip(words, words[1:]))
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 class ClassifierReward:
     """TRL reward function: the classifier's positive logit margin (log-odds) or P(positive)
-    of the whole review, query and response together."""
+    of the whole review, query and response together, minus ``repetition_penalty`` times the
+    response's repeated-bigram share: without that term the policy learns to repeat the phrases
+    the classifier likes most ("a great movie is a great movie"), which is reward hacking."""
 
-    def __init__(self, model, tokenizer, max_length: int, kind: str, bos_token: str | None):
+    def __init__(self, model, tokenizer, max_length: int, kind: str, bos_token: str | None,
+                 repetition_penalty: float = 0.0):
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
-        self.kind, self.bos = kind, bos_token or ""
+        self.kind, self.bos, self.repetition_penalty = kind, bos_token or "", repetition_penalty
         self.__name__ = f"classifier_{kind}"  # TRL names the logged metric after the function
 
     def texts(self, prompts: list[str], completions: list[str]) -> list[str]:
@@ -65,7 +76,10 @@ class ClassifierReward:
         return (margin if self.kind == "logit" else torch.sigmoid(margin)).cpu().numpy()
 
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        return self.score(self.texts(prompts, completions)).tolist()
+        scores = self.score(self.texts(prompts, completions))
+        if self.repetition_penalty:
+            scores = scores - self.repetition_penalty * np.array([repeated_bigram_share(c) for c in completions])
+        return scores.tolist()
 
 
 @torch.inference_mode()
@@ -107,7 +121,7 @@ def grpo_config(cfg: RLConfig, out: Path, seed: int, use_cpu: bool):
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, beta=cfg.kl_coef,
-        num_iterations=cfg.epochs_per_batch, loss_type="dapo", scale_rewards="group",
+        num_iterations=cfg.epochs_per_batch, loss_type="dapo", scale_rewards=cfg.scale_rewards,
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=False, remove_unused_columns=False,
         dataloader_num_workers=0, log_completions=False)
 
