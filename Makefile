@@ -7,6 +7,8 @@ ARTIFACTS ?= artifacts
 # The shared data folder where it exists; otherwise the training code falls back to the hub.
 DATA_DIR  ?= $(if $(wildcard ../shared/data/imdb),../shared/data,)
 TRAIN_ARGS ?=
+# Which trained generator `make export` turns into the served one: finetuned (generator/) or rl (rl/, `make rl`).
+GENERATOR ?= finetuned
 
 .PHONY: help install test models rl clean-models export bench
 
@@ -34,8 +36,8 @@ rl: install  ## tune the generator with RL (classifier reward) -> $(ARTIFACTS)/r
 clean-models:  ## delete $(ARTIFACTS)/
 	rm -rf $(ARTIFACTS)
 
-export: install  ## export $(ARTIFACTS)/ to ONNX (fp32, int8, fp16) with parity checks, into $(ARTIFACTS)/onnx/
-	$(PYTHON) -m export --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+export: install  ## export $(ARTIFACTS)/ to ONNX (fp32, int8, fp16) with parity checks, into $(ARTIFACTS)/onnx/ (GENERATOR=finetuned|rl)
+	$(PYTHON) -m export --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --generator $(GENERATOR)
 
 bench: install  ## CPU benchmark PyTorch vs ONNX Runtime on $(ARTIFACTS)/ -> reports/bench/
 	$(PYTHON) -m export.bench --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench
