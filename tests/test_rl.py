@@ -129,22 +129,11 @@ def test_kl_matches_a_hand_computation_with_left_padding():
     assert kl_to_reference(policy, policy, input_ids, attention, response).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("override, flag", [
-    ("rl.query_min_tokens=9", "rl.query_min_tokens"),  # min > max (8)
-    ("rl.kl_coef=-0.1", "rl.kl_coef"),
-    ("rl.batch_size=6", "rl.batch_size"),  # not a multiple of num_generations (4 in tiny)
-    ("rl.num_generations=1", "rl.num_generations"),
-    ('rl.reward="accuracy"', "rl.reward"),
-    ("rl.max_new_tokens=200", "rl.max_new_tokens"),  # past the tiny generator's 128 positions
-    ("rl.steps=0", "rl.steps"),
-    ("rl.repetition_penalty=-1", "rl.repetition_penalty"),
-    ('rl.scale_rewards="sometimes"', "rl.scale_rewards"),
-])
 def test_repetition_term_of_the_reward():
     from training.rl import ClassifierReward, repeated_bigram_share
 
     assert repeated_bigram_share("a great film") == 0.0
-    assert repeated_bigram_share("A great movie, a great movie") == pytest.approx(1 - 3 / 5)  # "a great" twice
+    assert repeated_bigram_share("A great movie, a great movie") == pytest.approx(1 - 4 / 5)  # "a great" twice
     assert repeated_bigram_share("great") == 0.0
 
     class Fixed(ClassifierReward):
@@ -159,6 +148,17 @@ def test_repetition_term_of_the_reward():
     assert reward.texts(["<|endoftext|>It"], [" is good"]) == ["It is good"]
 
 
+@pytest.mark.parametrize("override, flag", [
+    ("rl.query_min_tokens=9", "rl.query_min_tokens"),  # min > max (8)
+    ("rl.kl_coef=-0.1", "rl.kl_coef"),
+    ("rl.batch_size=6", "rl.batch_size"),  # not a multiple of num_generations (4 in tiny)
+    ("rl.num_generations=1", "rl.num_generations"),
+    ('rl.reward="accuracy"', "rl.reward"),
+    ("rl.max_new_tokens=200", "rl.max_new_tokens"),  # past the tiny generator's 128 positions
+    ("rl.steps=0", "rl.steps"),
+    ("rl.repetition_penalty=-1", "rl.repetition_penalty"),
+    ('rl.scale_rewards="sometimes"', "rl.scale_rewards"),
+])
 def test_bad_rl_config_is_refused_naming_the_flag(override, flag):
     with pytest.raises(ConfigError, match=rf"{flag} .*--set {flag}=VALUE"):
         load_config("tiny", [override])
