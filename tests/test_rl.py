@@ -130,7 +130,7 @@ def test_kl_matches_a_hand_computation_with_left_padding():
 
 
 def test_repetition_term_of_the_reward():
-    from training.rl import ClassifierReward, repeated_bigram_share
+    from training.rl import ClassifierReward, batch_novelty, repeated_bigram_share
 
     assert repeated_bigram_share("a great film") == 0.0
     assert repeated_bigram_share("A great movie, a great movie") == pytest.approx(1 - 4 / 5)  # "a great" twice
@@ -146,6 +146,10 @@ def test_repetition_term_of_the_reward():
     assert reward(["<|endoftext|>It", "<|endoftext|>It"], [" is good", " is a a a a"]) == \
         pytest.approx([1.0, 1.0 - 2.0 * (1 - 2 / 4)])
     assert reward.texts(["<|endoftext|>It"], [" is good"]) == ["It is good"]
+    assert batch_novelty(["a great movie", "a great film", "so bad"]) == [0.5, 0.5, 1.0]
+    assert batch_novelty(["same words", "same words"]) == [0.0, 0.0]
+    novel = Fixed(torch.nn.Linear(1, 1), None, 8, "logit", "", novelty_bonus=3.0)
+    assert novel(["", "", ""], ["a great movie", "a great film", "so bad"]) == pytest.approx([2.5, 2.5, 4.0])
 
 
 @pytest.mark.parametrize("override, flag", [
@@ -157,6 +161,7 @@ def test_repetition_term_of_the_reward():
     ("rl.max_new_tokens=200", "rl.max_new_tokens"),  # past the tiny generator's 128 positions
     ("rl.steps=0", "rl.steps"),
     ("rl.repetition_penalty=-1", "rl.repetition_penalty"),
+    ("rl.novelty_bonus=-1", "rl.novelty_bonus"),
     ('rl.scale_rewards="sometimes"', "rl.scale_rewards"),
 ])
 def test_bad_rl_config_is_refused_naming_the_flag(override, flag):

@@ -159,6 +159,7 @@ class RLConfig:
     epochs_per_batch: int = 1  # optimizer passes over each sampled batch (TRL's num_iterations)
     reward: str = "logit"  # "logit" (the classifier's positive log-odds) or "p" (its P(positive))
     repetition_penalty: float = 0.0  # minus this x the share of repeated word bigrams in a response
+    novelty_bonus: float = 0.0  # plus this x the share of a response's bigrams no other response of the batch uses
     scale_rewards: str = "batch"  # advantages divided by the reward std of the "group", the "batch", or "none"
     queries: int = 2000  # IMDB train review openings sampled as queries
     query_min_tokens: int = 2
@@ -180,6 +181,7 @@ class RLConfig:
         _check(self.epochs_per_batch >= 1, "rl.epochs_per_batch", "must be >= 1")
         _check(self.reward in ("logit", "p"), "rl.reward", 'must be "logit" or "p"')
         _check(self.repetition_penalty >= 0, "rl.repetition_penalty", "must be >= 0 (0 turns it off)")
+        _check(self.novelty_bonus >= 0, "rl.novelty_bonus", "must be >= 0 (0 turns it off)")
         _check(self.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards",
                'must be "group", "batch" or "none"')
         _check(1 <= self.query_min_tokens <= self.query_max_tokens, "rl.query_min_tokens",

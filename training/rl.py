@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,16 +50,27 @@ def repeated_bigram_share(text: str) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def batch_novelty(texts: list[str]) -> list[float]:
+    """Per text, the share of its distinct word bigrams that no other text of the batch uses: 1 for
+    a text that shares no phrase with the rest, 0 for one made only of phrases the others use too."""
+    grams = [set(zip(w, w[1:])) for w in (t.lower().split() for t in texts)]
+    counts = Counter(g for s in grams for g in s)
+    return [sum(counts[g] == 1 for g in s) / len(s) if s else 0.0 for s in grams]
+
+
 class ClassifierReward:
     """TRL reward function: the classifier's positive logit margin (log-odds) or P(positive)
     of the whole review, query and response together, minus ``repetition_penalty`` times the
     response's repeated-bigram share: without that term the policy learns to repeat the phrases
-    the classifier likes most ("a great movie is a great movie"), which is reward hacking."""
+    the classifier likes most ("a great movie is a great movie"), which is reward hacking; plus
+    ``novelty_bonus`` times the share of the response's bigrams that no other response of the batch
+    uses, against the other collapse, every response converging on the same few phrases."""
 
     def __init__(self, model, tokenizer, max_length: int, kind: str, bos_token: str | None,
-                 repetition_penalty: float = 0.0):
+                 repetition_penalty: float = 0.0, novelty_bonus: float = 0.0):
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
         self.kind, self.bos, self.repetition_penalty = kind, bos_token or "", repetition_penalty
+        self.novelty_bonus = novelty_bonus
         self.__name__ = f"classifier_{kind}"  # TRL names the logged metric after the function
 
     def texts(self, prompts: list[str], completions: list[str]) -> list[str]:
@@ -79,6 +91,8 @@ class ClassifierReward:
         scores = self.score(self.texts(prompts, completions))
         if self.repetition_penalty:
             scores = scores - self.repetition_penalty * np.array([repeated_bigram_share(c) for c in completions])
+        if self.novelty_bonus:
+            scores = scores + self.novelty_bonus * np.array(batch_novelty(completions))
         return scores.tolist()
 
 

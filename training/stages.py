@@ -201,7 +201,8 @@ def rl(p: Pipeline, out: Path) -> dict:
     tok = _load_tokenizer(p.path("generator"))
     policy = AutoModelForCausalLM.from_pretrained(p.path("generator")).to(device)
     model, clf_tok, max_length = _load_classifier(p)
-    reward = rl_mod.ClassifierReward(model, clf_tok, max_length, cfg.reward, tok.bos_token, cfg.repetition_penalty)
+    reward = rl_mod.ClassifierReward(model, clf_tok, max_length, cfg.reward, tok.bos_token, cfg.repetition_penalty,
+                                     cfg.novelty_bonus)
     queries = rl_mod.query_prompts(tok, p.fit.texts, cfg.queries, cfg.query_min_tokens, cfg.query_max_tokens,
                                    p.cfg.seed + 4)
     log.info("rl: GRPO, %d steps x %d responses (%d per query) of up to %d tokens, kl_coef %g, reward %s, "
