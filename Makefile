@@ -31,7 +31,7 @@ models: install  ## train every model into $(ARTIFACTS)/ (PRESET=tiny|cpu|gpu, D
 	$(PYTHON) -m training --preset $(PRESET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(ARTIFACTS) $(TRAIN_ARGS)
 
 rl: install  ## tune the generator with RL (classifier reward) -> $(ARTIFACTS)/rl, reports/rl (cpu: about 12 min)
-	$(PYTHON) -m training --preset $(PRESET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(ARTIFACTS) --stages rl,eval-rl $(TRAIN_ARGS)
+	$(PYTHON) -m training --preset $(PRESET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(ARTIFACTS) --stages rl,eval-rl --set threads=1 $(TRAIN_ARGS)
 
 clean-models:  ## delete $(ARTIFACTS)/
 	rm -rf $(ARTIFACTS)

@@ -165,7 +165,7 @@ class RLConfig:
     query_min_tokens: int = 2
     query_max_tokens: int = 8
     max_new_tokens: int = 64  # response length while tuning and in eval-rl's samples
-    temperature: float = 0.9  # sampling while tuning (eval-rl samples with the eval section's settings)
+    temperature: float = 1.0  # sampling while tuning and in eval-rl, for both generators (the service default)
     top_k: int = 50
     top_p: float = 0.95
 

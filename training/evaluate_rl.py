@@ -1,9 +1,8 @@
 """Stage ``eval-rl``: the fine-tuned and the RL-tuned generator side by side.
 
-Both generators answer the same prompts (100 x "This movie" and 100 IMDB *test* review openings of
-2-8 tokens) with the same sampling settings (the ``eval`` section's temperature, top-k and top-p)
-and the same seeds, with responses of ``rl.max_new_tokens`` tokens: the length the tuning optimised,
-for both. Each sample set gets the project classifier's and the TF-IDF judge's mean P(positive),
+Both generators answer the same prompts (``eval.n_samples`` x "This movie" and as many IMDB *test*
+review openings of 2-8 tokens) with the same seeds and the sampling settings the tuning used
+(``rl.max_new_tokens``, ``rl.temperature``, ``rl.top_k``, ``rl.top_p``), for both. Each sample set gets the project classifier's and the TF-IDF judge's mean P(positive),
 distinct-1/2, the mean reward, the perplexity of the samples under the fine-tuned model and the
 KL from the generator to the fine-tuned one.
 """
@@ -46,7 +45,8 @@ def sample_with_kl(model, reference, tokenizer, prompts: list[str], cfg: EvalCon
 def evaluate_rl(generators: dict, tokenizer, reward: rl_mod.ClassifierReward, judge, test_texts: list[str],
                 history: list[dict], eval_cfg: EvalConfig, rl_cfg: RLConfig, seed: int, out: Path) -> dict:
     """``generators``: {"finetuned": model, "tuned": model}. Returns {"metrics": ..., "rows": ...}."""
-    cfg = EvalConfig(**{**eval_cfg.__dict__, "max_new_tokens": rl_cfg.max_new_tokens})
+    cfg = EvalConfig(**{**eval_cfg.__dict__, "max_new_tokens": rl_cfg.max_new_tokens,
+                        "temperature": rl_cfg.temperature, "top_k": rl_cfg.top_k, "top_p": rl_cfg.top_p})
     prompt_sets = {
         "this_movie": [cfg.prompt] * cfg.n_samples,
         "test_prefixes": ev.test_prefixes(tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
