@@ -172,7 +172,7 @@ def reward_curve_plot(history: list[dict], path: Path) -> None:
     if len(reward) >= 5:
         k = max(2, len(reward) // 10)
         ax1.plot(steps[k - 1:], np.convolve(reward, np.ones(k) / k, mode="valid"), label=f"mean of {k} steps")
-    ax1.set(xlabel="step", ylabel="mean reward (classifier)", title="reward")
+    ax1.set(xlabel="step", ylabel="mean training reward", title="reward: classifier log-odds (or P) + shaping terms")
     ax1.legend(loc="lower right")
     kl = [r["kl"] for r in history if r.get("kl") is not None]
     ax2.plot(steps[: len(kl)], kl, color="tab:red")
