@@ -2,9 +2,15 @@
 
 GRPO (TRL's ``GRPOTrainer``) with a reward function: for each query (the opening of an IMDB
 *train* review, 2-8 tokens) the policy samples ``rl.num_generations`` responses, the project
-classifier scores ``query + response``, and each response's advantage is its reward minus the
-mean of its group. A KL penalty (``rl.kl_coef``, TRL's ``beta``) holds the policy near the
-fine-tuned generator, which is also the reference model.
+classifier scores ``query + response`` (see ``ClassifierReward`` for the shaping terms), and each
+response's advantage is its reward minus the mean of its group, divided by the reward's standard
+deviation over the batch (``rl.scale_rewards``; per-group scaling would blow up the tiny
+differences within a group of responses that are all positive already). A KL penalty
+(``rl.kl_coef``, TRL's ``beta``, per token) holds the policy near the fine-tuned generator, which
+is also the reference model.
+
+    python -m training --preset cpu --data-dir ../shared/data --stages rl,eval-rl --set threads=1
+    # about 6 minutes on 2 cores; judge P(positive) 0.787 -> 0.923, distinct-2 0.492 -> 0.509
 
 Why GRPO: in trl 1.16 it is the maintained online trainer that takes a plain Python reward
 function (PPO moved to ``trl.experimental`` and needs a value model and a reward *model*);
