@@ -207,3 +207,20 @@ def test_export_of_the_rl_generator(rl_artifacts, export_data_dir, tmp_path, cap
     caplog.clear()
     assert export_main(args) == 2
     assert "--stages rl" in caplog.text
+
+
+def test_rl_never_reads_imdb_test(tiny_artifacts, tiny_data_dir, tmp_path, monkeypatch):
+    """The queries are IMDB *train* openings: only eval-rl may load the test split."""
+    import training.pipeline as pl
+
+    loaded, real = [], pl.load_split
+
+    def spy(data_dir, dataset, split, seed):
+        loaded.append(f"{dataset}/{split}")
+        return real(data_dir, dataset, split, seed)
+
+    monkeypatch.setattr(pl, "load_split", spy)
+    out = tmp_path / "artifacts"
+    shutil.copytree(tiny_artifacts, out)
+    assert main(_args(tiny_data_dir, out, "--stages", "rl", "--set", "rl.steps=1")) == 0
+    assert "imdb/train" in loaded and "imdb/test" not in loaded
