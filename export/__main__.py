@@ -2,6 +2,7 @@
 
     python -m export --artifacts artifacts --data-dir ../shared/data     # cpu-preset models: about 30 s
     python -m export --artifacts /tmp/g-tiny --int8-sample 1000         # tiny models: about 20 s
+    python -m export --generator rl                                     # serve the RL-tuned generator
 
 Writes ARTIFACTS/onnx/:
     classifier/model.onnx            fp32, task text-classification, attention fused for ORT (export/fuse.py)
@@ -70,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
                     help="int8 kernel family: avx2 (u8 weights, safe on any x86-64 CPU) or avx512_vnni (s8 "
                          "weights, much faster where the CPU has VNNI); auto picks avx512_vnni when this CPU "
                          "has AVX-512 VNNI or AVX-VNNI (default: auto). Quantize on the kind of CPU that serves")
+    ap.add_argument("--generator", choices=tuple(onnx_export.GENERATORS), default="finetuned",
+                    help="which trained generator to export and so serve: finetuned (ARTIFACTS/generator, what "
+                         "`make models` builds) or rl (ARTIFACTS/rl, from `make rl`). Default: finetuned, the one "
+                         "every artifacts directory has; the choice is recorded as onnx.generator in the manifest")
     ap.add_argument("--seed", type=int, default=0, help="seed of the review samples (default: 0)")
     ap.add_argument("--no-register", dest="register", action="store_false",
                     help="do not register the export in BentoML's model store (registered by default, as "
@@ -79,17 +84,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_export(artifacts: Path, data_dir: str | None, *, int8_sample: int = 5000, parity_sample: int = 256,
-               gen_prompts: int = 8, gen_tokens: int = 32, seed: int = 0, int8_isa: str = "auto") -> dict:
+               gen_prompts: int = 8, gen_tokens: int = 32, seed: int = 0, int8_isa: str = "auto",
+               generator: str = "finetuned") -> dict:
     """Export, check parity, swap ``artifacts/onnx`` in, update the manifest; returns parity.json."""
     started = time.perf_counter()
-    onnx_export.check_sources(artifacts)
+    onnx_export.check_sources(artifacts, generator)
     reviews = load_imdb_test(data_dir)  # before any work: no data, no export
     staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=artifacts))
     staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
     try:
         for kind in onnx_export.TASKS:
             log.info("exporting %s (task %s)", kind, onnx_export.TASKS[kind])
-            onnx_export.export_model(artifacts, kind, staging / kind)
+            onnx_export.export_model(artifacts, kind, staging / kind, generator)
         log.info("converting both models to fp16")
         quantize.convert_fp16(staging / A.CLASSIFIER, keep_io_types=True)  # from the plain graph: any provider
         quantize.convert_fp16(staging / A.GENERATOR, keep_io_types=False)
@@ -100,7 +106,8 @@ def run_export(artifacts: Path, data_dir: str | None, *, int8_sample: int = 5000
         quantize.quantize_int8(staging / A.CLASSIFIER, isa)
         log.info("parity checks on %s", reviews.origin)
         report = parity.run_all(staging, artifacts, reviews, parity_sample=parity_sample, int8_sample=int8_sample,
-                                gen_prompts=gen_prompts, gen_tokens=gen_tokens, seed=seed)
+                                gen_prompts=gen_prompts, gen_tokens=gen_tokens, seed=seed,
+                                generator_source=onnx_export.source_dir(artifacts, A.GENERATOR, generator))
         report["classifier_fused_attention_layers"], report["int8_isa"] = fused, isa
         A.write_json_atomic(staging / "parity.json", report)
     except BaseException:
@@ -113,7 +120,7 @@ def run_export(artifacts: Path, data_dir: str | None, *, int8_sample: int = 5000
         raise parity.ParityError("parity does not hold, nothing was replaced; see "
                                  f"{failed / 'parity.json'}:\n  " + "\n  ".join(parity.failures(report)))
     _swap_in(staging, artifacts / A.ONNX)
-    _record(artifacts, report, time.perf_counter() - started)
+    _record(artifacts, report, time.perf_counter() - started, generator)
     return report
 
 
@@ -127,7 +134,7 @@ def _swap_in(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def _record(artifacts: Path, report: dict, seconds: float) -> None:
+def _record(artifacts: Path, report: dict, seconds: float, generator: str = "finetuned") -> None:
     import onnx
     import onnxruntime
     import optimum.version
@@ -148,10 +155,18 @@ def _record(artifacts: Path, report: dict, seconds: float) -> None:
         "versions": {"optimum": optimum.version.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "int8_isa": report["int8_isa"], "parity": f"{A.ONNX}/parity.json",
-        "classifier_fused_attention_layers": report["classifier_fused_attention_layers"], "files": files}
+        "classifier_fused_attention_layers": report["classifier_fused_attention_layers"],
+        "generator": _served_generator(manifest, generator), "files": files}
     A.write_json_atomic(artifacts / A.MANIFEST, manifest)
     A.update_manifest(artifacts, {"metrics": {"export": metrics},
                                   "stages": {"export": {"seconds": round(seconds, 1)}}})
+
+
+def _served_generator(manifest: dict, generator: str) -> dict:
+    """Which trained generator onnx/generator holds: /info and the manifest say which one is served."""
+    stage = onnx_export.GENERATORS[generator]
+    return {"choice": generator, "dir": stage, "trained": manifest.get("models", {}).get(stage, {}).get("source"),
+            "fingerprint": manifest.get("stages", {}).get(stage, {}).get("fingerprint")}
 
 
 def _opset(path: Path) -> int:
@@ -172,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_export(artifacts, args.data_dir, int8_sample=args.int8_sample,
                             parity_sample=args.parity_sample, gen_prompts=args.gen_prompts,
-                            gen_tokens=args.gen_tokens, seed=args.seed, int8_isa=args.int8_isa)
+                            gen_tokens=args.gen_tokens, seed=args.seed, int8_isa=args.int8_isa,
+                            generator=args.generator)
     except (ExportError, DataError, ModelFileError) as err:
         log.error("%s", err)
         return 2
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generator greedy tokens identical        {gen['identical_rows']}/{gen['prompts']} prompts")
     print(f"int8 accuracy vs fp32                    {int8['accuracy_int8']:.4f} vs {int8['accuracy_fp32']:.4f}"
           f"  ({int8['delta_points']:+.2f} points, {int8['reviews']} reviews)")
+    print(f"generator exported                       {args.generator} ({artifacts / onnx_export.GENERATORS[args.generator]})")
     print(f"written: {artifacts / A.ONNX}/ (parity.json, manifest key 'onnx')")
     return _register(artifacts) if args.register else 0
 

@@ -164,12 +164,13 @@ def fp16(clf_dir: Path, gen_dir: Path, reviews: Reviews, prompts: int, max_new_t
 
 
 def run_all(onnx_root: Path, artifacts: Path, reviews: Reviews, *, parity_sample: int, int8_sample: int,
-            gen_prompts: int, gen_tokens: int, seed: int) -> dict[str, Any]:
+            gen_prompts: int, gen_tokens: int, seed: int, generator_source: Path | None = None) -> dict[str, Any]:
     clf_dir, gen_dir = onnx_root / "classifier", onnx_root / "generator"
+    generator_source = generator_source or artifacts / "generator"  # the trained model that was exported
     sample = reviews.spread(parity_sample, seed)
     checks = {}
     steps = [("classifier_logits", lambda: classifier_logits(clf_dir, artifacts / "classifier", sample)),
-             ("generator_greedy", lambda: generator_greedy(gen_dir, artifacts / "generator", sample, gen_prompts,
+             ("generator_greedy", lambda: generator_greedy(gen_dir, generator_source, sample, gen_prompts,
                                                             gen_tokens)),
              ("int8_graph", lambda: int8_graph(clf_dir)),
              ("int8_accuracy", lambda: int8_accuracy(clf_dir, reviews.sample(int8_sample, seed + 1))),

@@ -51,8 +51,9 @@ def content_version(manifest: dict) -> str:
 def metadata(manifest: dict) -> dict:
     """What `bentoml models get` shows: the metrics under their stable dotted keys, and the provenance."""
     onnx = manifest.get(A.ONNX, {})
-    generator = manifest.get("models", {}).get(A.GENERATOR, {})
-    return {"preset": manifest.get("preset"), "generator": generator.get("source"),
+    served = onnx.get("generator") or {}  # which trained generator was exported (finetuned or rl)
+    return {"preset": manifest.get("preset"), "generator": served.get("choice", A.GENERATOR),
+            "generator_trained": served.get("trained") or manifest.get("models", {}).get(A.GENERATOR, {}).get("source"),
             "exported_at": onnx.get("exported_at"), "int8_isa": onnx.get("int8_isa"),
             "onnxruntime": onnx.get("versions", {}).get("onnxruntime"), "opset": onnx.get("opset"),
             **{f"metrics.{k}": v for k, v in A.flatten(manifest.get("metrics", {})).items()

@@ -6,6 +6,7 @@
       tokenizer/         byte-level BPE (transformers fast tokenizer)
       lm/                GPT-2 language model pretrained on IMDB train+unsup
       generator/         lm fine-tuned on positive reviews (tokenizer inside, left padding)
+      rl/                generator tuned by reinforcement learning, classifier as reward (same format)
       classifier/        sequence classifier (tokenizer inside, right padding)
       baseline/          TF-IDF + logistic regression (reference row and independent judge)
       reports/           evaluation reports and plots
@@ -26,6 +27,7 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 LM = "lm"
 GENERATOR = "generator"
+RL = "rl"
 CLASSIFIER = "classifier"
 BASELINE = "baseline"
 REPORTS = "reports"

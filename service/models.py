@@ -122,6 +122,12 @@ def load(kind: str, settings: Settings):
     return model
 
 
+def _trained(manifest: dict, kind: str, settings: Settings) -> str | None:
+    """How the served model was trained; the export records which generator (fine-tuned or RL) it took."""
+    served = manifest.get(A.ONNX, {}).get(kind, {}) if settings.backend == "onnx" else {}
+    return served.get("trained") or manifest.get("models", {}).get(kind, {}).get("source")
+
+
 def describe(kind: str, model, settings: Settings) -> dict[str, Any]:
     """What ``/info`` shows of a loaded model: version, file, precision, the providers really active."""
     info = model.info()
@@ -137,5 +143,5 @@ def describe(kind: str, model, settings: Settings) -> dict[str, Any]:
     return {"version": version, "file": rel, "backend": info["backend"], "precision": info["precision"],
             "device": info["device"], "providers": list(info["providers"]),
             **{k: info[k] for k in ("max_length", "n_positions", "threads") if k in info},
-            "trained": manifest.get("models", {}).get(kind, {}).get("source"),
+            "trained": _trained(manifest, kind, settings),
             "exported_at": manifest.get(A.ONNX, {}).get("exported_at") if settings.backend == "onnx" else None}

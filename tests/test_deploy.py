@@ -54,7 +54,8 @@ def test_export_registers_its_files_once_versioned_by_content_with_the_metrics(e
     assert store_versions() == before
     model = bentoml.models.get(tag)
     meta = model.info.metadata
-    assert meta["preset"] == manifest["preset"] and meta["generator"] == manifest["models"]["generator"]["source"]
+    assert meta["preset"] == manifest["preset"] and meta["generator"] == manifest["onnx"]["generator"]["choice"]
+    assert meta["generator_trained"] == manifest["models"]["generator"]["source"]
     for key in ("metrics.classifier.imdb_test.accuracy", "metrics.classifier.imdb_test.roc_auc",
                 "metrics.generator.positive_test.perplexity", "metrics.export.int8_accuracy",
                 "metrics.export.classifier_max_abs_diff_logits"):

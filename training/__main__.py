@@ -6,7 +6,10 @@
     python -m training --stages eval-generator --force                                   # one stage again
     python -m training --generator-from gpt2 --classifier-from distilbert-base-uncased   # pretrained (needs the hub)
 
-Stages, in order: tokenizer, lm, generator, classifier, baseline, eval-classifier, eval-generator.
+    python -m training --stages rl,eval-rl                                               # RL tuning, ~12 min (cpu)
+
+Stages, in order: tokenizer, lm, generator, classifier, baseline, eval-classifier, eval-generator,
+then the optional rl and eval-rl, which run only when named (`--stages all,rl,eval-rl` runs everything).
 A stage whose outputs exist and whose config and inputs are unchanged is skipped.
 """
 
@@ -22,7 +25,7 @@ import time
 from glowing import logs
 from training.config import ConfigError, available_presets, load_config
 from training.data import DataError
-from training.pipeline import STAGES, Pipeline, StageError
+from training.pipeline import OPTIONAL, STAGES, Pipeline, StageError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,8 +39,9 @@ def parser() -> argparse.ArgumentParser:
                          "(default: $GLOWING_DATA_DIR; without either, the Hugging Face datasets hub)")
     ap.add_argument("--out", default="artifacts", help="artifacts directory to write (default: artifacts)")
     ap.add_argument("--stages", default="all",
-                    help=f"comma-separated stages to run, in pipeline order: {', '.join(STAGES)} "
-                         "(default: all). A stage needs its inputs' outputs to exist already")
+                    help=f"comma-separated stages to run, in pipeline order: {', '.join(STAGES)}; 'all' "
+                         f"(the default) is every stage but the optional {', '.join(OPTIONAL)}, which run only "
+                         "when named (e.g. --stages all,rl,eval-rl). A stage needs its inputs' outputs to exist")
     ap.add_argument("--force", action="store_true", help="rerun the selected stages even if they are up to date")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config value, e.g. --set lm.steps=500 --set classifier.init=lm "
@@ -66,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
-        stages = list(STAGES) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if "all" in stages:
+            stages = [s for s in stages if s != "all"] + [s for s in STAGES if s not in OPTIONAL]
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
             raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; "
@@ -89,7 +95,9 @@ def _print_headline(manifest: dict) -> None:
     metrics = flatten(manifest.get("metrics", {}))
     keys = ["classifier.imdb_test.accuracy", "classifier.imdb_test.roc_auc", "classifier.sst2_validation.accuracy",
             "baseline.imdb_test.accuracy", "generator.positive_test.perplexity", "generator.samples.mean_p_positive",
-            "generator.samples.judge_mean_p_positive", "generator.samples.distinct_2"]
+            "generator.samples.judge_mean_p_positive", "generator.samples.distinct_2",
+            "rl.finetuned.judge_mean_p_positive", "rl.tuned.judge_mean_p_positive", "rl.finetuned.distinct_2",
+            "rl.tuned.distinct_2", "rl.tuned.kl_to_finetuned"]
     for key in keys:
         if key in metrics:
             print(f"{key:45s} {metrics[key]:.4f}")

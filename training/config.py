@@ -147,6 +147,54 @@ class EvalConfig:
 
 
 @dataclass
+class RLConfig:
+    """Stage ``rl``: GRPO on the fine-tuned generator, the classifier as reward (training/rl.py)."""
+
+    steps: int = 100  # optimizer steps; each samples batch_size responses
+    batch_size: int = 32  # responses per step: batch_size / num_generations queries
+    num_generations: int = 8  # responses per query; a response's advantage is relative to its group
+    lr: float = 2e-5
+    warmup_steps: int = 5
+    kl_coef: float = 0.05  # weight of the KL penalty toward the fine-tuned generator (TRL's beta)
+    epochs_per_batch: int = 1  # optimizer passes over each sampled batch (TRL's num_iterations)
+    reward: str = "logit"  # "logit" (the classifier's positive log-odds) or "p" (its P(positive))
+    repetition_penalty: float = 0.0  # minus this x the share of repeated word bigrams in a response
+    novelty_bonus: float = 0.0  # plus this x the share of a response's bigrams no other response of the batch uses
+    scale_rewards: str = "batch"  # advantages divided by the reward std of the "group", the "batch", or "none"
+    queries: int = 2000  # IMDB train review openings sampled as queries
+    query_min_tokens: int = 2
+    query_max_tokens: int = 8
+    max_new_tokens: int = 64  # response length while tuning and in eval-rl's samples
+    temperature: float = 1.0  # sampling while tuning and in eval-rl, for both generators (the service default)
+    top_k: int = 50
+    top_p: float = 0.95
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "rl.steps", "must be >= 1")
+        _check(self.num_generations >= 2, "rl.num_generations",
+               "must be >= 2 (GRPO compares responses to the same query)")
+        _check(self.batch_size >= self.num_generations and self.batch_size % self.num_generations == 0,
+               "rl.batch_size", "must be a multiple of rl.num_generations")
+        _check(self.lr > 0, "rl.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "rl.warmup_steps", "must be >= 0")
+        _check(self.kl_coef >= 0, "rl.kl_coef", "must be >= 0 (0 turns the KL penalty off)")
+        _check(self.epochs_per_batch >= 1, "rl.epochs_per_batch", "must be >= 1")
+        _check(self.reward in ("logit", "p"), "rl.reward", 'must be "logit" or "p"')
+        _check(self.repetition_penalty >= 0, "rl.repetition_penalty", "must be >= 0 (0 turns it off)")
+        _check(self.novelty_bonus >= 0, "rl.novelty_bonus", "must be >= 0 (0 turns it off)")
+        _check(self.scale_rewards in ("group", "batch", "none"), "rl.scale_rewards",
+               'must be "group", "batch" or "none"')
+        _check(1 <= self.query_min_tokens <= self.query_max_tokens, "rl.query_min_tokens",
+               "must be >= 1 and <= rl.query_max_tokens")
+        _check(self.queries >= self.batch_size // self.num_generations, "rl.queries",
+               "must be >= rl.batch_size / rl.num_generations")
+        _check(self.max_new_tokens >= 1, "rl.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "rl.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "rl.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "rl.top_k", "must be >= 0 (0 disables top-k)")
+
+
+@dataclass
 class Config:
     preset: str = "cpu"
     seed: int = 1337
@@ -159,6 +207,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> Config:
         for section in SECTIONS:
@@ -166,13 +215,15 @@ class Config:
         _check(self.device in ("auto", "cpu", "cuda"), "device", 'must be "auto", "cpu" or "cuda"')
         _check(self.lm.n_positions >= self.generator.block_size, "generator.block_size",
                "must be <= lm.n_positions")
+        _check(self.rl.query_max_tokens + self.rl.max_new_tokens < self.lm.n_positions, "rl.max_new_tokens",
+               "plus rl.query_max_tokens must be < lm.n_positions (the generator's context)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("data", "tokenizer", "lm", "generator", "classifier", "baseline", "eval")
+SECTIONS = ("data", "tokenizer", "lm", "generator", "classifier", "baseline", "eval", "rl")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

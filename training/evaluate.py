@@ -95,8 +95,10 @@ def positive_perplexity(model, tokenizer, texts: list[str], max_length: int, bat
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int) -> list[str]:
-    """Sampled reviews (prompt + continuation), left-padded batches, stopping at end of text."""
+def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int, on_batch=None) -> list[str]:
+    """Sampled reviews (prompt + continuation), left-padded batches, stopping at end of text.
+
+    ``on_batch(prompt_ids, prompt_mask, tokens)``, when given, sees each batch's token ids."""
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     out: list[str] = []
@@ -107,6 +109,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int) -
         tokens = model.generate(**enc, do_sample=True, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        if on_batch is not None:
+            on_batch(enc["input_ids"], enc["attention_mask"], tokens)
         new = tokens[:, enc["input_ids"].shape[1]:]
         out.extend(p + tokenizer.decode(row, skip_special_tokens=True) for p, row in zip(batch, new))
     return out

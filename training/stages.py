@@ -5,6 +5,7 @@ Each reads its inputs from ``pipeline.out`` (earlier stages) and writes only int
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -187,3 +188,62 @@ def eval_generator(p: Pipeline, out: Path) -> dict:
                                    p.imdb_test.texts, p.cfg.eval, p.cfg.seed, out)
     A.write_json_atomic(out / "generator.json", to_jsonable(report))
     return {"metrics": {"generator": to_jsonable(report)}}
+
+
+def rl(p: Pipeline, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from training import rl as rl_mod
+
+    cfg = p.cfg.rl
+    _seed(p, 4)
+    device = dev.resolve(p.cfg.device)
+    tok = _load_tokenizer(p.path("generator"))
+    policy = AutoModelForCausalLM.from_pretrained(p.path("generator")).to(device)
+    model, clf_tok, max_length = _load_classifier(p)
+    reward = rl_mod.ClassifierReward(model, clf_tok, max_length, cfg.reward, tok.bos_token, cfg.repetition_penalty,
+                                     cfg.novelty_bonus)
+    queries = rl_mod.query_prompts(tok, p.fit.texts, cfg.queries, cfg.query_min_tokens, cfg.query_max_tokens,
+                                   p.cfg.seed + 4)
+    log.info("rl: GRPO, %d steps x %d responses (%d per query) of up to %d tokens, kl_coef %g, reward %s, "
+             "%d training queries", cfg.steps, cfg.batch_size, cfg.num_generations, cfg.max_new_tokens,
+             cfg.kl_coef, cfg.reward, len(queries))
+    result = rl_mod.tune(policy, tok, reward, queries, cfg, out / "trainer", p.cfg.seed + 4,
+                         use_cpu=device.type == "cpu")
+    shutil.rmtree(out / "trainer", ignore_errors=True)  # TRL's scratch folder; nothing in it is needed
+    policy.eval()
+    tok.padding_side = "left"
+    policy.save_pretrained(out)  # the generator's generation_config travels with the model
+    tok.save_pretrained(out)
+    A.write_json_atomic(out / "history.json", result.history)
+    rewards = result.curve("reward")
+    tail = max(1, len(rewards) // 10)
+    log.info("rl: mean reward %.3f (first %d steps) -> %.3f (last %d), %.0f s", float(np.mean(rewards[:tail])),
+             tail, float(np.mean(rewards[-tail:])), tail, result.seconds)
+    return {"models": {"rl": {"source": "generator tuned by GRPO, classifier reward", "algorithm": "grpo",
+                              "reward": cfg.reward, "kl_coef": cfg.kl_coef, "steps": result.steps,
+                              "responses": result.steps * cfg.batch_size,
+                              "reward_first": float(np.mean(rewards[:tail])),
+                              "reward_last": float(np.mean(rewards[-tail:])),
+                              "train_seconds": round(result.seconds, 1)}}}
+
+
+def eval_rl(p: Pipeline, out: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from training import evaluate_rl as erl
+    from training import rl as rl_mod
+
+    _seed(p, 5)
+    device = dev.resolve(p.cfg.device)
+    generators = {name: AutoModelForCausalLM.from_pretrained(p.path(stage)).to(device).eval()
+                  for name, stage in (("finetuned", "generator"), ("tuned", "rl"))}
+    tok = _load_tokenizer(p.path("generator"))
+    model, clf_tok, max_length = _load_classifier(p)
+    reward = rl_mod.ClassifierReward(model, clf_tok, max_length, p.cfg.rl.reward, tok.bos_token)
+    judge = baseline_mod.load(p.path("baseline") / A.BASELINE_FILE)
+    history = json.loads((p.path("rl") / "history.json").read_text())
+    report = erl.evaluate_rl(generators, tok, reward, judge, p.imdb_test.texts, history, p.cfg.eval,
+                             p.cfg.rl, p.cfg.seed, out)
+    A.write_json_atomic(out / "rl.json", to_jsonable(report))
+    return {"metrics": {"rl": to_jsonable(report["metrics"])}}

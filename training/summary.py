@@ -28,6 +28,11 @@ ROWS = [
     ("generator.samples.mean_p_positive", "all 200 samples: mean P(positive), classifier"),
     ("generator.samples.judge_mean_p_positive", "all 200 samples: mean P(positive), TF-IDF judge"),
     ("generator.samples.distinct_2", "all 200 samples: distinct-2"),
+    ("rl.finetuned.judge_mean_p_positive", "RL eval, fine-tuned generator: mean P(positive), TF-IDF judge"),
+    ("rl.tuned.judge_mean_p_positive", "RL eval, tuned generator: mean P(positive), TF-IDF judge"),
+    ("rl.finetuned.distinct_2", "RL eval, fine-tuned generator: distinct-2"),
+    ("rl.tuned.distinct_2", "RL eval, tuned generator: distinct-2"),
+    ("rl.tuned.kl_to_finetuned", "RL eval, tuned generator: KL to the fine-tuned one (nats per sample)"),
 ]
 
 
