@@ -37,14 +37,15 @@ def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
 class Server:
     """``bentoml serve`` in its own process group on a free loopback port."""
 
-    def __init__(self, artifacts: Path, log: Path, env: dict[str, str] | None = None):
+    def __init__(self, artifacts: Path, log: Path, env: dict[str, str] | None = None,
+                 target: str = "service.service:Glowing"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {**os.environ, "GLOWING_ARTIFACTS": str(artifacts), "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service.service:Glowing", "--host", "127.0.0.1",
+                [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
                  "--port", str(self.port)], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
