@@ -152,6 +152,13 @@ def test_the_key_opens_every_endpoint(server):
     assert spec["paths"]["/livez"]["get"]["security"] == [] and "401" in spec["paths"]["/score"]["post"]["responses"]
 
 
+def test_the_python_client_sends_the_key(server):
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url, token=KEY) as client:  # README "Python client"
+        assert len(client.score(texts=["A wonderful, moving film."])["results"]) == 1
+
+
 def test_probe_errors_are_enveloped_too(server):
     resp = httpx.post(f"{server.url}/livez", timeout=10)
     assert resp.status_code == 405 and envelope_problems(resp) == []
