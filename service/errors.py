@@ -3,13 +3,14 @@
     {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
                "param": "n"}}
 
-``Guard`` sits in front of the API endpoints. It answers 401 without the API key when one is configured
-(service/auth.py: every path but the liveness and readiness probes), sheds load beyond ``max_concurrency`` requests
-in flight with 503 (BentoML's own limiter answers 429), rejects bodies that are too large, not
-not JSON or invalid against the request model with 4xx *before* BentoML sees them (BentoML would
-answer its own shape and log a traceback per bad request), forwards them as JSON, serves ``GET /info`` through the
-``POST /info`` endpoint, and rewrites any other error response into the envelope, so that no
-traceback, path or framework message in another shape reaches a client.
+``Guard`` sits in front of every path. It answers 401 without the API key when one is configured
+(service/auth.py: every path but the liveness and readiness probes), sheds load beyond
+``max_concurrency`` requests in flight with 503 (BentoML's own limiter answers 429), rejects bodies
+that are too large, not JSON or invalid against the request model with 4xx *before* BentoML sees
+them (BentoML would answer its own shape and log a traceback per bad request), forwards them as
+JSON, serves ``GET /info`` through the ``POST /info`` endpoint, and rewrites any other error response
+(the probes' included) into the envelope, so that no traceback, path or framework message in another
+shape reaches a client. service/openapi.py makes ``/docs.json`` say all this.
 """
 
 from __future__ import annotations
