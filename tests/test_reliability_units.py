@@ -1,4 +1,5 @@
-"""The API key check and the settings around it, without a server (milliseconds)."""
+"""The API key check, the settings around it and the connection to the model services, without a
+server (milliseconds)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,35 @@ def test_body_limit_default_and_override():
     assert get_settings(max_body_bytes=2_000_000).body_limit() == 2_000_000
     with pytest.raises(ValueError):
         get_settings(max_body_bytes=10)
+
+
+def test_model_services_keep_one_session():
+    """BentoML's default (a new session every 100 requests, closing the old one under requests in
+    flight) lost answers under load; see service.service.CONNECTION and README "Reliability"."""
+    from service.service import Generator, Scorer
+
+    for svc in (Scorer, Generator):
+        assert svc.config["runner_connection"]["max_requests"] >= 2**31 - 1
+        assert svc.config["runner_connection"]["max_age"] >= 1e9
+
+
+def test_a_connection_closed_while_reading_is_retried():
+    import asyncio
+
+    from service.service import _retrying
+
+    calls = []
+
+    async def flaky(batch):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("Connection closed.")
+        return [0.5] * len(batch)
+
+    assert asyncio.run(_retrying(flaky, ["a"])) == [0.5] and len(calls) == 2
+
+    async def bug(batch):
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        asyncio.run(_retrying(bug, ["a"]))
