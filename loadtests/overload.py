@@ -15,12 +15,16 @@ It is asyncio + httpx, not Locust: one process holds the 128 clients, and Locust
 separate the latency of a 503 from that of a 200. That process competes for the same two cores, so
 its own latencies include its own event-loop lag; a separate light probe process (standard library,
 one request at a time, every 0.2 s) measures what a well-behaved client sees during each phase.
+
+Measured (README "Reliability", about 2 minutes): at 128 clients 34% shed, the API answered its 503s
+in 10.5 ms p50 / 235 ms max and the probe client got 200s in 66 ms p50; at 16 clients nothing shed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import json
 import os
 import random
@@ -80,7 +84,7 @@ def server_side(log: Path, start: float, end: float) -> dict:
         m = ACCESS.match(line)
         if not m:
             continue
-        t = time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        t = calendar.timegm(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S"))  # BentoML logs UTC
         if start + 1 <= t < end - 1:
             by_status.setdefault(m.group(2), []).append(float(m.group(3)))
     return {status: {"n": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99), "max": percentile(v, 1.0)}

@@ -1,7 +1,7 @@
 """Soak test: Locust at the saturation load for a long time, watching every server process's memory.
 
     flock /tmp/glowing-heavy.lock .venv/bin/python -m loadtests.soak --artifacts artifacts --out reports/soak
-    .venv/bin/python -m loadtests.soak --duration 60 --users 4      # a quick look (about 1.5 minutes)
+    .venv/bin/python -m loadtests.soak --duration 60 --warmup 10 --window 20 --users 4   # a quick look (1.5 min)
 
 Default: 16 closed-loop ``ScoreUser``s (the saturation load of ``/score`` on the cpu-preset models, README
 "Load tests") for 660 s, about 12 minutes with start-up. It starts ``bentoml serve`` with the default
@@ -11,10 +11,12 @@ memory (RSS) of every server process by role (``glowing``, ``glowing-scorer``, `
 
 RSS growth is the mean total RSS over the last ``--window`` seconds against the mean over the first
 ``--window`` seconds after ``--warmup``: ONNX Runtime's memory arena grows until it has seen the largest
-batch shapes, which took about two minutes at 16 users. The growth since the first sample is reported too. It
-prints the growth, the request and failure counts, and exits 1 when growth reaches ``--max-growth``
-percent or a request failed with anything but a shed 503. With ``GLOWING_API_KEY`` set, the server
-requires it and Locust sends it.
+batch shapes, which took about two minutes at 16 users. The growth since the first sample (before any
+request) is reported too. It prints the growth, the request and failure counts, and exits 1 when growth
+reaches ``--max-growth`` percent, a request failed with anything but a shed 503, or an ordinary request
+after the load fails. With ``GLOWING_API_KEY`` set, the server requires it and Locust sends it.
+
+Measured (README "Reliability"): 38,809 requests in 11 min, 0 failures, RSS 773 -> 826 MiB (+6.8%).
 """
 
 from __future__ import annotations
