@@ -56,17 +56,12 @@ def rss_by_role(server: Server) -> dict[str, float]:
 def after_load_status(server: Server) -> int:
     """Status of one ordinary ``/score`` request once the load has stopped."""
     req = urllib.request.Request(f"{server.url}/score", data=json.dumps({"texts": ["Still serving?"]}).encode(),
-                                 headers={"Content-Type": "application/json", **auth_header()})
+                                 headers={"Content-Type": "application/json", **server.headers})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-def auth_header() -> dict[str, str]:
-    key = os.environ.get("GLOWING_API_KEY", "")
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def growth(samples: list[dict], warmup: float, window: float) -> dict:
