@@ -16,7 +16,8 @@ request) is reported too. It prints the growth, the request and failure counts, 
 reaches ``--max-growth`` percent, a request failed with anything but a shed 503, or an ordinary request
 after the load fails. With ``GLOWING_API_KEY`` set, the server requires it and Locust sends it.
 
-Measured (README "Reliability"): 38,809 requests in 11 min, 0 failures, RSS 773 -> 826 MiB (+6.8%).
+Measured (README "Reliability"): 38,809 requests in 11 min, 0 failures, RSS 773 -> 826 MiB (+6.8%);
+with ``--duration 1200``, 103,524 requests, 0 failures, +19% (memory rose with the request rate).
 """
 
 from __future__ import annotations
