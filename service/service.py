@@ -18,12 +18,13 @@ import secrets
 import bentoml
 
 from glowing import artifacts as A
-from service import auth, batching, metrics, models, schemas
+from service import auth, batching, metrics, models, patches, schemas
 from service.errors import Guard, from_exception
 from service.reviews import collect_reviews
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("bentoml.glowing")
+patches.apply()
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
 GPU = {"gpu": 1} if SETTINGS.device == "cuda" else None

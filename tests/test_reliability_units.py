@@ -102,3 +102,32 @@ def test_a_connection_closed_while_reading_is_retried():
 
     with pytest.raises(RuntimeError, match="something else"):
         asyncio.run(_retrying(bug, ["a"]))
+
+
+def test_bentoml_timeout_timers_are_cancelled_when_a_request_ends():
+    """BentoML's TimeoutMiddleware kept every request's context alive for the whole timeout; see
+    service/patches.py."""
+    import asyncio
+
+    import service.service  # noqa: F401  (applies the patch)
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        middleware = TimeoutMiddleware(app, timeout=120)
+        for _ in range(5):
+            await middleware({"type": "http"}, None, send)
+        loop = asyncio.get_running_loop()
+        live = [h for h in loop._scheduled if not h.cancelled()]
+        return sent, live
+
+    sent, live = asyncio.run(main())
+    assert len(sent) == 10 and live == []
