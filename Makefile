@@ -61,10 +61,13 @@ serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT
 	GLOWING_ARTIFACTS=$(ARTIFACTS) $(VENV)/bin/bentoml serve --host $(HOST) --port $(PORT)
 
 # ---- load test ------------------------------------------------------------------------------
-.PHONY: loadtest
+.PHONY: loadtest soak
 
 loadtest: install $(ARTIFACTS)/onnx/parity.json  ## Locust ladder (batching on/off, onnx/torch, int8/fp32) -> reports/loadtest/ (about 8 min)
 	$(PYTHON) -m loadtests.run --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/loadtest
+
+soak: install $(ARTIFACTS)/onnx/parity.json  ## 11 min of Locust at the saturation load, RSS of every server process -> reports/soak/ (about 12 min)
+	$(PYTHON) -m loadtests.soak --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/soak
 
 # ---- deployment: Bentos, containers (docs/OPERATIONS.md) -----------------------------------
 # VARIANT: gpu (bentofile.yaml, onnxruntime-gpu with CUDA 13 from pip wheels), cpu (bentofile.cpu.yaml), all.

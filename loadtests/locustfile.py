@@ -16,6 +16,8 @@ Environment (all optional):
   or a range ``0.5-2`` (uniform).
 - ``LOADTEST_TEXTS``: texts per ``/score`` request (default 1: batching has to come from the server).
 - ``LOADTEST_MAX_NEW_TOKENS`` (default 32), ``LOADTEST_N`` (default 1): ``/generate`` and ``/reviews`` sizes.
+- ``GLOWING_API_KEY``: sent as ``Authorization: Bearer <key>`` (the server's own setting, so that one
+  exported variable serves both); unset = no header.
 
 Loopback targets only (the run refuses any other host) and a bounded run (``-t`` is required headless).
 A non-200 answer is a failure; a 503 is reported as ``shed (503)`` in the failures, so that load shed
@@ -97,6 +99,9 @@ class _GlowingUser(HttpUser):
 
     def on_start(self):
         self.rng = random.Random(id(self))
+        key = os.environ.get("GLOWING_API_KEY", "")
+        if key:
+            self.client.headers["Authorization"] = f"Bearer {key}"
 
 
 class ScoreUser(_GlowingUser):

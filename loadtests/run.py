@@ -9,8 +9,10 @@ port, waits for ``/readyz``, runs headless Locust (its own CLI process) once per
 ``--duration`` seconds, scrapes ``/metrics`` around every step (observed batch sizes), stops the
 server, and finally writes ``summary.json``, ``report.md`` and PNG plots into ``--out``.
 
-Every scenario raises ``GLOWING_MAX_CONCURRENCY`` to 256, above the top of the ladder, so that the
-ladder measures the models and the batching, not the admission limit (which sheds with 503).
+With ``GLOWING_API_KEY`` in the environment, each server requires it, and Locust and the ``/metrics``
+scrapes send it. Every scenario raises ``GLOWING_MAX_CONCURRENCY`` to 256, above the top of the
+ladder, so that the ladder measures the models and the batching, not the admission limit (which sheds
+with 503).
 """
 
 from __future__ import annotations

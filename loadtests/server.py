@@ -26,9 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 10, headers: dict[str, str] | None = None) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, ""
@@ -37,14 +37,17 @@ def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
 class Server:
     """``bentoml serve`` in its own process group on a free loopback port."""
 
-    def __init__(self, artifacts: Path, log: Path, env: dict[str, str] | None = None):
+    def __init__(self, artifacts: Path, log: Path, env: dict[str, str] | None = None,
+                 target: str = "service.service:Glowing"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {**os.environ, "GLOWING_ARTIFACTS": str(artifacts), "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
+        key = full_env.get("GLOWING_API_KEY", "")  # the server will require it (not on /readyz)
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service.service:Glowing", "--host", "127.0.0.1",
+                [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
                  "--port", str(self.port)], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
@@ -66,7 +69,7 @@ class Server:
 
     def metrics(self) -> str:
         try:
-            return http_get(f"{self.url}/metrics")[1]
+            return http_get(f"{self.url}/metrics", headers=self.headers)[1]
         except OSError:
             return ""
 

@@ -3,12 +3,14 @@
     {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
                "param": "n"}}
 
-``Guard`` sits in front of the API endpoints. It sheds load beyond ``max_concurrency`` requests
-in flight with 503 (BentoML's own limiter answers 429), rejects bodies that are too large, not
-not JSON or invalid against the request model with 4xx *before* BentoML sees them (BentoML would
-answer its own shape and log a traceback per bad request), forwards them as JSON, serves ``GET /info`` through the
-``POST /info`` endpoint, and rewrites any other error response into the envelope, so that no
-traceback, path or framework message in another shape reaches a client.
+``Guard`` sits in front of every path. It answers 401 without the API key when one is configured
+(service/auth.py: every path but the liveness and readiness probes), sheds load beyond
+``max_concurrency`` requests in flight with 503 (BentoML's own limiter answers 429), rejects bodies
+that are too large, not JSON or invalid against the request model with 4xx *before* BentoML sees
+them (BentoML would answer its own shape and log a traceback per bad request), forwards them as
+JSON, serves ``GET /info`` through the ``POST /info`` endpoint, and rewrites any other error response
+(the probes' included) into the envelope, so that no traceback, path or framework message in another
+shape reaches a client. service/openapi.py makes ``/docs.json`` say all this.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from service import auth
+
 log = logging.getLogger("bentoml.glowing")  # under "bentoml": shown by BentoML's logging config
-TYPES = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
          415: "unsupported_media_type", 429: "overloaded", 500: "internal_error", 503: "overloaded",
          504: "timeout"}
-SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # probes keep BentoML's answers
+OPENAPI_PATH = "/docs.json"
+SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # BentoML's answers, errors enveloped
 
 
 class ApiError(Exception):
@@ -41,6 +46,8 @@ class ApiError(Exception):
         from starlette.responses import JSONResponse
 
         headers = {"Retry-After": "1"} if self.status == 503 else None
+        if self.status == 401:
+            headers = {auth.CHALLENGE[0].decode(): auth.CHALLENGE[1].decode()}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -73,7 +80,7 @@ def from_exception(err: BaseException) -> ApiError:
         return from_validation(err)
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
         return ApiError(504, "the request did not finish in time; ask for fewer or shorter reviews, or retry")
-    if _connection_error(err):
+    if connection_error(err):
         log.error("a model service is unreachable", exc_info=err)
         return ApiError(503, "a model service is unavailable; retry later")
     status = int(getattr(getattr(err, "error_code", None), "value", 0) or 0)  # BentoML between services
@@ -85,9 +92,13 @@ def from_exception(err: BaseException) -> ApiError:
     return ApiError(500, "internal error; the server log has the details")
 
 
-def _connection_error(err: BaseException) -> bool:
+def connection_error(err: BaseException) -> bool:
+    """A connection to a model service broke (aiohttp is BentoML's client between services; it raises a
+    bare RuntimeError when the connection closes while an answer is being read)."""
+    if isinstance(err, RuntimeError) and str(err) == "Connection closed.":
+        return True
     try:
-        import aiohttp  # BentoML's client between services
+        import aiohttp
     except ImportError:
         return False
     return isinstance(err, aiohttp.ClientConnectionError)
@@ -97,8 +108,9 @@ class Guard:
     """ASGI middleware; ``models`` maps each API path to its request model."""
 
     def __init__(self, app, models: dict[str, type[BaseModel]], max_concurrency: int, max_body_bytes: int,
-                 get_paths: frozenset[str] = frozenset({"/info"})):
+                 get_paths: frozenset[str] = frozenset({"/info"}), api_key: bytes = b""):
         self.app = app
+        self.api_key = api_key
         self.models = models
         self.max_concurrency = max_concurrency
         self.max_body_bytes = max_body_bytes
@@ -106,12 +118,19 @@ class Guard:
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in SYSTEM_PATHS:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         model = self.models.get(scope["path"])
         send = self._enveloped(scope["path"] if model else "other", send)
+        if not auth.authorized(scope, self.api_key):
+            return await ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                                  ).response()(scope, receive, send)
+        if scope["path"] in SYSTEM_PATHS:  # only their errors change (405 on POST /livez, 503 from /readyz)
+            return await self.app(scope, receive, send)
         if scope["path"] == OPENAPI_PATH:
-            send = self._rewritten(send, lambda body: json.dumps(openapi(json.loads(body), self)).encode())
+            from service.openapi import document
+
+            send = self._rewritten(send, lambda body: json.dumps(document(json.loads(body), self)).encode())
         if model is None:  # docs, static files; unknown paths come back 404 in the envelope
             return await self.app(scope, receive, send)
         try:
@@ -198,39 +217,6 @@ class Guard:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
         return wrapped
-
-
-OPENAPI_PATH = "/docs.json"
-ENVELOPE_SCHEMA = {
-    "type": "object", "required": ["error"], "description": "Every error, whatever its status",
-    "properties": {"error": {"type": "object", "required": ["message", "type", "param"], "properties": {
-        "message": {"type": "string", "description": "what is wrong, naming the field"},
-        "type": {"type": "string", "enum": sorted(set(TYPES.values()))},
-        "param": {"type": "string", "nullable": True, "description": "the offending field, e.g. texts[3]"}}}},
-    "example": {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
-                          "param": "n"}}}
-
-
-def openapi(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
-    """BentoML's OpenAPI document, made true of this server: errors in the envelope, the statuses
-    the guard adds, and the GET variant of ``/info``."""
-    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    schemas["Error"] = ENVELOPE_SCHEMA
-    for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes
-        schemas[name] = {**ENVELOPE_SCHEMA, "title": name}
-    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    extra = {"405": "Method Not Allowed", "413": "Payload Too Large (the body exceeds the request limits)",
-             "503": "Overloaded: too many requests in flight, retry after the Retry-After header",
-             "504": "The request did not finish within the timeout"}
-    for path in guard.models:
-        item = spec.get("paths", {}).get(path)
-        if not item or "post" not in item:
-            continue
-        item["post"].setdefault("responses", {}).update({code: {"description": d, **ref} for code, d in extra.items()})
-        if path in guard.get_paths:
-            item["get"] = {k: v for k, v in item["post"].items() if k != "requestBody"}
-            item["get"]["operationId"] = f"{item['post'].get('operationId', path.strip('/'))}__get"
-    return spec
 
 
 def _as_envelope(status: int, body: bytes) -> dict[str, Any]:

@@ -7,10 +7,11 @@ limits are deployment settings; the response models and the generator's work ite
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from service.settings import Settings
@@ -95,6 +96,17 @@ class GenerationItem(BaseModel):
 
 # ---- requests ----------------------------------------------------------------------------------
 
+# Any character but whitespace (exactly Python's str.isspace() set), written so that JSON Schema
+# (ECMA-262) regexes and Python's agree: \S differs between them on U+0085, U+FEFF and U+001C-1F.
+NOT_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
+def _not_blank(text: str) -> str:
+    if not re.search(NOT_BLANK, text):
+        raise PydanticCustomError("blank_text", "only whitespace; send text to score")
+    return text
+
+
 @dataclass(frozen=True)
 class RequestModels:
     score: type[BaseModel]
@@ -106,8 +118,12 @@ class RequestModels:
 def request_models(settings: Settings) -> RequestModels:
     """The request bodies with the deployment's limits as field bounds."""
     s = settings
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=s.max_text_chars)]
-    forbid = ConfigDict(extra="forbid")  # a misspelt field ("max_tokens") is an error, not silently ignored
+    # pattern: what the OpenAPI page shows; the validator: what is enforced, with a message that says why
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=s.max_text_chars), AfterValidator(_not_blank),
+                     Field(json_schema_extra={"pattern": NOT_BLANK})]
+    # A misspelt field ("max_tokens") is an error, not silently ignored; "n": "3", true or 2.5 and NaN or
+    # Infinity (Python's json writes them) are wrong types, not coerced or compared.
+    forbid = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     class Sampling(BaseModel):
         model_config = forbid
@@ -123,18 +139,18 @@ def request_models(settings: Settings) -> RequestModels:
                                  "unset = the server draws one and returns it")
 
     class ScoreRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
+        model_config = ConfigDict(**forbid, json_schema_extra={"example":
             {"texts": ["A wonderful, moving film.", "Dull and far too long."]}})
         texts: list[Text] = Field(min_length=1, max_length=s.max_texts,
                                   description=f"1 to {s.max_texts} texts of 1 to {s.max_text_chars} characters")
 
     class GenerateRequest(Sampling):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
+        model_config = ConfigDict(**forbid, json_schema_extra={"example":
             {"prompt": "This movie", "n": 2, "max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95,
              "top_k": 50, "seed": 7}})
 
     class ReviewsRequest(Sampling):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"example":
+        model_config = ConfigDict(**forbid, json_schema_extra={"example":
             {"prompt": "This movie", "n": 3, "min_positive": 0.9, "max_candidates": 32, "seed": 7}})
         n: int = Field(3, ge=1, le=s.max_n, description="how many accepted reviews to return at most")
         min_positive: float = Field(0.9, ge=0, le=1, description="accept a review when p_positive >= this")

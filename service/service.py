@@ -18,21 +18,27 @@ import secrets
 import bentoml
 
 from glowing import artifacts as A
-from service import batching, metrics, models, schemas, store
+from service import auth, batching, metrics, models, patches, schemas, store
 from service.errors import Guard, from_exception
 from service.reviews import collect_reviews
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("bentoml.glowing")
+patches.apply()
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
 # Half a GPU each: BentoML then places the scorer and the generator on the same device. With
 # {"gpu": 1} each, the second one is assigned GPU 1, which a one-GPU pod does not have.
 GPU = {"gpu": 0.5} if SETTINGS.device == "cuda" else None
+# BentoML's client to a model service replaces its HTTP session every 100 requests and every 300 s and
+# closes the old one under the requests still in flight: under load about 10% of them failed and had to
+# be retried, and some never got their answer (a 504 after the whole timeout; 11 of 30,848 in a soak).
+# The model services are local workers: one long-lived session is what is wanted.
+CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
 
 
 @bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
-                 traffic={"timeout": SETTINGS.timeout})
+                 traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
 class Scorer:
     packed_models = store.declared(SETTINGS)  # GLOWING_MODEL_TAG: `bentoml build` packs it
 
@@ -52,7 +58,7 @@ class Scorer:
 
 
 @bentoml.service(name="glowing-generator", workers=SETTINGS.generator_workers, resources=GPU,
-                 traffic={"timeout": SETTINGS.timeout})
+                 traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
 class Generator:
     packed_models = store.declared(SETTINGS)
 
@@ -181,22 +187,23 @@ class Glowing:
 def limits(s: Settings) -> dict:
     return {name: getattr(s, name) for name in ("max_texts", "max_text_chars", "max_prompt_chars", "max_n",
                                                   "max_new_tokens", "max_candidates", "reviews_round_size",
-                                                  "max_concurrency", "timeout")}
+                                                  "max_concurrency", "timeout")} | {"max_body_bytes": s.body_limit()}
 
 
 async def _retrying(call, batch: list, attempts: int = 3):
     """``call(batch)`` again when the connection to the model service broke before an answer.
 
-    BentoML 1.4.39's client replaces its HTTP session every 100 requests and closes the old one
-    under requests still in flight, which then fail with ServerDisconnectedError. Both model calls
-    are safe to repeat: scoring is a pure function, and generation is seeded per row."""
-    import aiohttp
+    BentoML 1.4.39's client can close its HTTP session under requests still in flight (see
+    CONNECTION), which then fail with ServerDisconnectedError, or RuntimeError("Connection closed.")
+    while reading the answer. Both model calls are safe to repeat: scoring is a pure function, and
+    generation is seeded per row."""
+    from service.errors import connection_error
 
     for attempt in range(attempts):
         try:
             return await call(batch)
-        except aiohttp.ClientConnectionError:
-            if attempt == attempts - 1:
+        except Exception as err:
+            if not connection_error(err) or attempt == attempts - 1:
                 raise
             log.warning("connection to a model service lost (attempt %d of %d); retrying", attempt + 1, attempts)
 
@@ -212,6 +219,5 @@ def _review(text: str, p: float) -> schemas.Review:
 Glowing.add_asgi_middleware(
     Guard, models={"/score": REQUESTS.score, "/generate": REQUESTS.generate, "/reviews": REQUESTS.reviews,
                    "/info": REQUESTS.info},
-    max_concurrency=SETTINGS.max_concurrency,
-    # JSON may spend up to 6 bytes on a character (\uXXXX); the rest is field names and slack
-    max_body_bytes=SETTINGS.max_texts * (SETTINGS.max_text_chars * 6 + 16) + 65_536)
+    max_concurrency=SETTINGS.max_concurrency, max_body_bytes=SETTINGS.body_limit(),
+    api_key=auth.key_bytes(SETTINGS.api_key))

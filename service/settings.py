@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,6 +75,18 @@ class Settings(BaseSettings):
             raise ValueError(f"GLOWING_MODEL_TAG={self.model_tag} holds the ONNX export only: use "
                              "GLOWING_BACKEND=onnx, or GLOWING_ARTIFACTS with the trained models for torch")
         return self
+
+    # ---- access and request size --------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="when set, every endpoint except /livez, /readyz and "
+                                      "/healthz (liveness) requires the header `Authorization: Bearer <key>`, "
+                                      "/metrics and the OpenAPI page included; 401 otherwise. Unset or empty = off")
+    max_body_bytes: int | None = Field(None, ge=1_024, description="largest request body in bytes, 413 beyond; "
+                                       "unset = enough for max_texts texts of max_text_chars characters each")
+
+    def body_limit(self) -> int:
+        """``max_body_bytes``, or what the largest valid ``/score`` body can need: JSON may spend 6 bytes
+        on a character (\\uXXXX); the rest is field names and slack."""
+        return self.max_body_bytes or self.max_texts * (self.max_text_chars * 6 + 16) + 65_536
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -1,0 +1,76 @@
+"""BentoML's OpenAPI document (``/docs.json``), made true of this server.
+
+BentoML writes an OpenAPI 3.0 document from the pydantic models but leaves traces of JSON Schema
+2020 in it and drops what it cannot express; a client generator or a fuzzer (schemathesis, in the
+test suite) then believes things the server does not do. Fixed here: errors in the envelope, the
+statuses the guard adds (401 with a key, 405, 413, 503, 504), the GET variant of ``/info``, bearer
+authentication when a key is configured, numeric ``exclusiveMinimum`` (3.0 wants ``minimum`` plus a
+boolean), fields whose default is null marked ``nullable``, and a required body where the request
+model has required fields.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from service import auth
+from service.errors import TYPES
+
+if TYPE_CHECKING:
+    from service.errors import Guard
+
+ENVELOPE_SCHEMA = {
+    "type": "object", "required": ["error"], "description": "Every error, whatever its status",
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param"], "properties": {
+        "message": {"type": "string", "description": "what is wrong, naming the field"},
+        "type": {"type": "string", "enum": sorted(set(TYPES.values()))},
+        "param": {"type": "string", "nullable": True, "description": "the offending field, e.g. texts[3]"}}}},
+    "example": {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
+                          "param": "n"}}}
+REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+EXTRA = {"405": "Method Not Allowed", "413": "Payload Too Large (the body exceeds the request limits)",
+         "503": "Overloaded: too many requests in flight, retry after the Retry-After header",
+         "504": "The request did not finish within the timeout"}
+UNAUTHORIZED = {"401": {"description": "Missing or wrong API key (Authorization: Bearer <key>)", **REF}}
+
+
+def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ENVELOPE_SCHEMA
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes
+        schemas[name] = {**ENVELOPE_SCHEMA, "title": name}
+    for path, model in guard.models.items():
+        item = spec.get("paths", {}).get(path)
+        if not item or "post" not in item:
+            continue
+        post = item["post"]
+        post.setdefault("responses", {}).update({code: {"description": d, **REF} for code, d in EXTRA.items()})
+        body = post.get("requestBody")
+        if body is not None:
+            body["required"] = any(f.is_required() for f in model.model_fields.values())
+            for media in body.get("content", {}).values():
+                _openapi30(media.get("schema", {}))
+        if path in guard.get_paths:
+            item["get"] = {k: v for k, v in post.items() if k != "requestBody"}
+            item["get"]["operationId"] = f"{post.get('operationId', path.strip('/'))}__get"
+    if guard.api_key:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, item in spec.get("paths", {}).items():
+            for operation in item.values():
+                if path in auth.PUBLIC_PATHS:
+                    operation["security"] = []
+                else:
+                    operation["security"] = [{"bearer": []}]
+                    operation.setdefault("responses", {}).update(UNAUTHORIZED)
+    return spec
+
+
+def _openapi30(schema: dict[str, Any]) -> None:
+    """JSON Schema 2020 bounds to OpenAPI 3.0, and null defaults to ``nullable``, in place."""
+    for field in schema.get("properties", {}).values():
+        for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            value = field.get(bound)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                field[plain], field[bound] = value, True
+        if "default" in field and field["default"] is None:
+            field["nullable"] = True

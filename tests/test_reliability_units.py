@@ -1,0 +1,133 @@
+"""The API key check, the settings around it and the connection to the model services, without a
+server (milliseconds)."""
+
+from __future__ import annotations
+
+import hmac
+
+import pytest
+
+from service import auth
+from service.settings import get_settings
+
+KEY = b"s3cret-key"
+
+
+def scope(path: str = "/score", authorization: bytes | None = None) -> dict:
+    headers = [(b"content-type", b"application/json")]
+    if authorization is not None:
+        headers.append((b"authorization", authorization))
+    return {"type": "http", "path": path, "headers": headers}
+
+
+@pytest.mark.parametrize("header, ok", [
+    (b"Bearer s3cret-key", True), (b"bearer s3cret-key", True), (b"BEARER  s3cret-key ", True),
+    (None, False), (b"", False), (b"Bearer", False), (b"Bearer ", False), (b"s3cret-key", False),
+    (b"Basic s3cret-key", False), (b"Bearer s3cret-ke", False), (b"Bearer s3cret-keyy", False),
+    (b"Bearer S3CRET-KEY", False), (b"Token s3cret-key", False),
+])
+def test_only_the_bearer_key_passes(header, ok):
+    assert auth.authorized(scope(authorization=header), KEY) is ok
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz"])
+def test_probes_need_no_key(path):
+    assert auth.authorized(scope(path), KEY)
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs.json", "/", "/info", "/static_content/index.css"])
+def test_everything_else_needs_it(path):
+    assert not auth.authorized(scope(path), KEY)
+
+
+def test_no_key_configured_means_open():
+    assert auth.authorized(scope("/score"), b"")
+    assert auth.key_bytes(None) == b"" and auth.key_bytes(get_settings(api_key="").api_key) == b""
+
+
+def test_the_comparison_is_constant_time(monkeypatch):
+    calls, real = [], hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    assert auth.authorized(scope(authorization=b"Bearer wrong"), KEY) is False
+    assert calls == [(b"wrong", KEY)]
+
+
+def test_the_key_is_read_from_the_environment_and_never_shown(monkeypatch):
+    monkeypatch.setenv("GLOWING_API_KEY", "from-env-123")
+    settings = get_settings()
+    assert auth.key_bytes(settings.api_key) == b"from-env-123"
+    assert "from-env-123" not in repr(settings) and "from-env-123" not in str(settings.model_dump())
+
+
+def test_body_limit_default_and_override():
+    s = get_settings()
+    assert s.body_limit() == s.max_texts * (s.max_text_chars * 6 + 16) + 65_536
+    assert get_settings(max_body_bytes=2_000_000).body_limit() == 2_000_000
+    with pytest.raises(ValueError):
+        get_settings(max_body_bytes=10)
+
+
+def test_model_services_keep_one_session():
+    """BentoML's default (a new session every 100 requests, closing the old one under requests in
+    flight) lost answers under load; see service.service.CONNECTION and README "Reliability"."""
+    from service.service import Generator, Scorer
+
+    for svc in (Scorer, Generator):
+        assert svc.config["runner_connection"]["max_requests"] >= 2**31 - 1
+        assert svc.config["runner_connection"]["max_age"] >= 1e9
+
+
+def test_a_connection_closed_while_reading_is_retried():
+    import asyncio
+
+    from service.service import _retrying
+
+    calls = []
+
+    async def flaky(batch):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("Connection closed.")
+        return [0.5] * len(batch)
+
+    assert asyncio.run(_retrying(flaky, ["a"])) == [0.5] and len(calls) == 2
+
+    async def bug(batch):
+        raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        asyncio.run(_retrying(bug, ["a"]))
+
+
+def test_bentoml_timeout_timers_are_cancelled_when_a_request_ends():
+    """BentoML's TimeoutMiddleware kept every request's context alive for the whole timeout; see
+    service/patches.py."""
+    import asyncio
+
+    import service.service  # noqa: F401  (applies the patch)
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        middleware = TimeoutMiddleware(app, timeout=120)
+        for _ in range(5):
+            await middleware({"type": "http"}, None, send)
+        loop = asyncio.get_running_loop()
+        live = [h for h in loop._scheduled if not h.cancelled()]
+        return sent, live
+
+    sent, live = asyncio.run(main())
+    assert len(sent) == 10 and live == []
