@@ -11,6 +11,7 @@ otherwise BentoML's own.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.responses import JSONResponse
 
@@ -41,7 +42,20 @@ async def _call(self, scope, receive, send) -> None:
         timer.cancel()
 
 
-def apply() -> None:
+PATCHED_VERSION = "1.4.39"  # the BentoML release _call copies; another one keeps its own middleware
+
+
+def apply() -> bool:
+    """Patch BentoML when it is the release this copy was made from; True when patched."""
+    import bentoml
     from bentoml._internal.server.http import traffic
 
+    if bentoml.__version__ != PATCHED_VERSION:
+        # A copy of another release's middleware could undo its fixes: check whether the leak is
+        # still there (tests/test_reliability_units.py) and update PATCHED_VERSION and _call.
+        logging.getLogger("bentoml.glowing").warning(
+            "service/patches.py: BentoML %s is not %s, its TimeoutMiddleware is left unpatched",
+            bentoml.__version__, PATCHED_VERSION)
+        return False
     traffic.TimeoutMiddleware.__call__ = _call
+    return True
