@@ -1,6 +1,6 @@
 """/reviews with the fine-tuned vs the RL-tuned generator: acceptance rate and candidates per request.
 
-    python -m loadtests.compare_generators finetuned=artifacts rl=/work/scratch-rl/artifacts-rl \\
+    python -m loadtests.compare_generators finetuned=artifacts rl=/tmp/artifacts-rl \\
         --out reports/compare-generators    # 2 x 48 requests: about 40 s on 2 cores
 
 On the cpu-preset models: acceptance rate 0.660 (fine-tuned) vs 0.931 (RL-tuned), 7.1 vs 6.1
