@@ -145,3 +145,26 @@ def describe(kind: str, model, settings: Settings) -> dict[str, Any]:
             **{k: info[k] for k in ("max_length", "n_positions", "threads") if k in info},
             "trained": _trained(manifest, kind, settings),
             "exported_at": manifest.get(A.ONNX, {}).get("exported_at") if settings.backend == "onnx" else None}
+
+
+def engine(generator, settings: Settings, observer):
+    """The generator's iteration-level engine, started (its loop runs in a thread of its own)."""
+    from glowing.runtime.engine import Engine
+
+    eng = Engine(generator, max_rows=settings.engine_max_rows, max_step_tokens=settings.engine_max_step_tokens,
+                 max_waiting=settings.engine_max_waiting, observer=observer)
+    eng.start()
+    log.info("generator engine started: %s", eng.settings())
+    return eng
+
+
+def score_queue(scorer, settings: Settings, metrics):
+    """The scorer's zero-wait queue (it needs the running event loop: made on the first request)."""
+    from glowing.runtime.score_queue import ScoreQueue
+
+    def on_call(rows: int, padded_positions: int, real_tokens: int) -> None:
+        metrics.batch_size.labels(model="classifier").observe(rows)
+        if padded_positions:
+            metrics.padding.observe(1 - real_tokens / padded_positions)
+
+    return ScoreQueue(scorer, max_texts=settings.scorer_max_batch_size, on_call=on_call)

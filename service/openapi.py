@@ -31,6 +31,11 @@ REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas
 EXTRA = {"405": "Method Not Allowed", "413": "Payload Too Large (the body exceeds the request limits)",
          "503": "Overloaded: too many requests in flight, retry after the Retry-After header",
          "504": "The request did not finish within the timeout"}
+# /generate with "stream": true answers Server-Sent Events (service/streaming.py)
+EVENT_STREAM = {"schema": {"type": "string", "description": 'Server-Sent Events: data: {"index", "delta"} as '
+                           'tokens are made; data: {"index", "text", "p_positive", "label", "finish_reason", "seed"} '
+                           'when a review ends; data: [DONE]. An error after the start is data: {"error": {...}}'}}
+STREAMING_PATHS = frozenset({"/generate"})
 UNAUTHORIZED = {"401": {"description": "Missing or wrong API key (Authorization: Bearer <key>)", **REF}}
 
 
@@ -50,6 +55,8 @@ def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
             body["required"] = any(f.is_required() for f in model.model_fields.values())
             for media in body.get("content", {}).values():
                 _openapi30(media.get("schema", {}))
+        if path in STREAMING_PATHS and "200" in post["responses"]:
+            post["responses"]["200"].setdefault("content", {})["text/event-stream"] = EVENT_STREAM
         if path in guard.get_paths:
             item["get"] = {k: v for k, v in post.items() if k != "requestBody"}
             item["get"]["operationId"] = f"{post.get('operationId', path.strip('/'))}__get"

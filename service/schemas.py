@@ -83,7 +83,8 @@ class InfoResponse(BaseModel):
 # ---- the generator's work item (service to service, not HTTP-facing) --------------------------
 
 class GenerationItem(BaseModel):
-    """``n`` continuations of one prompt; row ``i`` is sampled with ``row_seed(seed, i)``."""
+    """``n`` continuations of one prompt; row ``i`` is sampled with ``derive_seed(seed, i)``
+    (service/batching.py)."""
 
     prompt: str
     n: int = Field(ge=1)
@@ -148,6 +149,9 @@ def request_models(settings: Settings) -> RequestModels:
         model_config = ConfigDict(**forbid, json_schema_extra={"example":
             {"prompt": "This movie", "n": 2, "max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95,
              "top_k": 50, "seed": 7}})
+        stream: bool = Field(False, description="answer Server-Sent Events (text/event-stream): "
+                             '{"index", "delta"} as tokens are made, {"index", "text", "p_positive", "label", '
+                             '"finish_reason", "seed"} when a review ends, then [DONE]')
 
     class ReviewsRequest(Sampling):
         model_config = ConfigDict(**forbid, json_schema_extra={"example":

@@ -14,11 +14,14 @@ imported; everything else is read when a service starts.
 import asyncio
 import logging
 import secrets
+from contextlib import aclosing
+from typing import AsyncGenerator, AsyncIterator
 
 import bentoml
 
 from glowing import artifacts as A
-from service import auth, batching, metrics, models, patches, schemas, store
+from service import auth, batching, metrics, models, patches, schemas, store, streaming
+from service.disconnect import CancelOnDisconnect
 from service.errors import Guard, from_exception
 from service.reviews import collect_reviews
 from service.settings import Settings, get_settings
@@ -46,9 +49,19 @@ class Scorer:
         self.settings = store.resolve(get_settings())
         self.model = models.load(A.CLASSIFIER, self.settings)
         self.metrics = metrics.get()
+        self.queue = None  # the zero-wait queue, made on the first request (it needs the event loop)
+
+    @bentoml.api
+    async def score(self, texts: list[str]) -> list[float]:
+        """GLOWING_BATCHING=engine: zero-wait batching across requests (no batching window)."""
+        loop = asyncio.get_running_loop()
+        if self.queue is None or self.queue[0] is not loop:  # one per event loop (tests run several)
+            self.queue = (loop, models.score_queue(self.model, self.settings, self.metrics))
+        return await self.queue[1].score(texts)
 
     @bentoml.api(**batching.decorator(SETTINGS.scorer_max_batch_size, SETTINGS.scorer_max_latency_ms))
-    def score(self, texts: list[str]) -> list[float]:
+    def score_batch(self, texts: list[str]) -> list[float]:
+        """GLOWING_BATCHING=adaptive: BentoML's adaptive batching."""
         self.metrics.batch_size.labels(model=A.CLASSIFIER).observe(len(texts))
         return self.model.score(texts)
 
@@ -66,10 +79,34 @@ class Generator:
         self.settings = store.resolve(get_settings())
         self.model = models.load(A.GENERATOR, self.settings)
         self.metrics = metrics.get()
+        self.engine = models.engine(self.model, self.settings, metrics.EngineMetrics(self.metrics)) \
+            if self.settings.batching == "engine" else None
+        self.bridge = None  # the engine's asyncio side, made on the first request (it needs the event loop)
+
+    @bentoml.api
+    async def stream(self, item: schemas.GenerationItem) -> AsyncGenerator[str, None]:
+        """GLOWING_BATCHING=engine: the item's rows through the engine, streamed as text-delta lines
+        (service/streaming.py). Row ``i`` is sampled with ``derive_seed(item.seed, i)``."""
+        from glowing.runtime.engine import AsyncEngine, GenerationError, QueueFull
+
+        if self.engine is None:
+            raise bentoml.exceptions.BentoMLException("GLOWING_BATCHING=adaptive: no engine here")
+        if self.bridge is None or self.bridge.loop is not asyncio.get_running_loop():  # one per event loop
+            self.bridge = AsyncEngine(self.engine)
+        rows = [row.settings for row in batching.expand([item])]
+        lines = streaming.engine_lines(self.bridge, self.model.codec.tokenizer, item.prompt, rows)
+        async with aclosing(lines):
+            try:
+                async for line in lines:
+                    yield line
+            except QueueFull as err:  # before the first line: BentoML answers it as a 503
+                raise bentoml.exceptions.ServiceUnavailable(str(err)) from None
+            except GenerationError as err:  # after the stream started: an error line
+                yield streaming.error_line(str(err))
 
     @bentoml.api(**batching.decorator(SETTINGS.generator_max_batch_size, SETTINGS.generator_max_latency_ms))
     def generate(self, items: list[schemas.GenerationItem]) -> list[list[str]]:
-        """Per item, its ``n`` continuations (prompt excluded)."""
+        """GLOWING_BATCHING=adaptive: per item, its ``n`` continuations (prompt excluded)."""
         self.metrics.batch_size.labels(model=A.GENERATOR).observe(len(items))
         return batching.generate_batch(items, self.model.generate, self.settings.generator_max_rows,
                                        on_call=self.metrics.generator_call_rows.observe)
@@ -106,7 +143,11 @@ class Glowing:
 
     @bentoml.api(route="/generate", input_spec=REQUESTS.generate)
     async def generate(self, **request) -> schemas.GenerateResponse:
-        """``n`` reviews that start with the prompt, each scored."""
+        """``n`` reviews that start with the prompt, each scored. ``"stream": true`` answers Server-Sent
+        Events: ``{"index", "delta"}`` as tokens are made, ``{"index", "text", "p_positive", "label",
+        "finish_reason", "seed"}`` when a row ends, then ``[DONE]``."""
+        if request.get("stream"):
+            return await self._stream(request)
         return await self._answer(self._generate(request))
 
     @bentoml.api(route="/reviews", input_spec=REQUESTS.reviews)
@@ -129,18 +170,50 @@ class Glowing:
         except Exception as err:  # the client gets the envelope; the log gets the traceback
             return from_exception(err).response()
 
+    @property
+    def _engine(self) -> bool:
+        return self.settings.batching == "engine"
+
     async def _scores(self, texts: list[str]) -> list[float]:
-        scores = await _retrying(self.scorer.to_async.score, texts)
+        call = self.scorer.to_async.score if self._engine else self.scorer.to_async.score_batch
+        scores = await _retrying(call, texts)
         if len(scores) != len(texts):
             raise RuntimeError(f"the scorer answered {len(scores)} scores for {len(texts)} texts")
         return scores
 
     async def _continuations(self, request: dict, n: int, seed: int) -> list[str]:
-        item = schemas.GenerationItem(prompt=request["prompt"], n=n, max_new_tokens=request["max_new_tokens"],
-                                      temperature=request["temperature"], top_p=request["top_p"],
-                                      top_k=request["top_k"], seed=seed)
+        item = _item(request, n, seed)
+        if self._engine:
+            texts = [""] * n
+            async with aclosing(self._row_events(item)) as steps:
+                async for step in steps:
+                    if isinstance(step, dict):
+                        raise streaming.GeneratorFailed(step.get("error", "the generator failed"))
+                    for index, delta, _ in step:
+                        texts[index] += delta
+            return [request["prompt"] + t for t in texts]
         [continuations] = await _retrying(self.generator.to_async.generate, [item])
         return [request["prompt"] + c for c in continuations]
+
+    def _row_events(self, item: schemas.GenerationItem) -> AsyncIterator[list]:
+        return streaming.read_lines(self.generator.to_async.stream(item=item))
+
+    async def _events(self, request: dict, seed: int) -> AsyncIterator[dict]:
+        """The request's rows as streaming events (service/streaming.py ``scored_rows``). Without the
+        engine, the rows come all at once when the batch is done: one delta each, then the scores."""
+        n = request["n"]
+        if self._engine:
+            events = streaming.scored_rows(self._row_events(_item(request, n, seed)), request["prompt"], n,
+                                           self._scores)
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+            return
+        texts = await self._continuations(request, n, seed)
+        for i, text in enumerate(texts):
+            yield {"index": i, "delta": text[len(request["prompt"]):]}
+        for i, (text, p) in enumerate(zip(texts, await self._scores(texts))):
+            yield {"index": i, "text": text, "p_positive": p, "finish_reason": None}
 
     async def _score(self, texts: list[str]) -> schemas.ScoreResponse:
         scores = await self._scores(texts)
@@ -148,9 +221,52 @@ class Glowing:
 
     async def _generate(self, request: dict) -> schemas.GenerateResponse:
         seed = _seed(request)
-        texts = await self._continuations(request, request["n"], seed)
-        scores = await self._scores(texts)
-        return schemas.GenerateResponse(seed=seed, reviews=[_review(t, p) for t, p in zip(texts, scores)])
+        reviews: list[schemas.Review | None] = [None] * request["n"]
+        async with aclosing(self._events(request, seed)) as events:
+            async for event in events:
+                if "text" in event:
+                    reviews[event["index"]] = _review(event["text"], event["p_positive"])
+        return schemas.GenerateResponse(seed=seed, reviews=reviews)
+
+    async def _stream(self, request: dict):
+        """Server-Sent Events. The first event is awaited before answering, so that an overloaded
+        generator or a bad request still gets its HTTP status; later errors are an error event."""
+        from starlette.responses import StreamingResponse
+
+        seed = _seed(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeout
+        events = self._events(request, seed)
+
+        async def next_event() -> dict | None:
+            try:  # in this task (not wait_for's): a cancellation reaches the generator's own frame
+                async with asyncio.timeout_at(deadline):
+                    return await anext(events)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            first = await next_event()
+        except Exception as err:
+            await events.aclose()
+            return from_exception(err).response()
+
+        async def body() -> AsyncIterator[str]:
+            event = first
+            try:
+                while event is not None:
+                    if "text" in event:
+                        event = {**event, "label": schemas.label(event["p_positive"]), "seed": seed}
+                    yield streaming.sse(event)
+                    event = await next_event()
+                yield streaming.DONE
+            except Exception as err:  # the status is sent already: an error event ends the stream
+                yield streaming.sse(from_exception(err).body())
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _reviews(self, request: dict) -> schemas.ReviewsResponse:
         seed = _seed(request)
@@ -176,12 +292,21 @@ class Glowing:
                      "preset": self.manifest.get("preset"), "artifacts": str(s.artifacts),
                      "model_tag": s.model_tag},
             models={A.CLASSIFIER: classifier, A.GENERATOR: generator},
-            batching={A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size,
-                                     "max_latency_ms": s.scorer_max_latency_ms, "workers": s.scorer_workers},
-                      A.GENERATOR: {"max_batch_size": s.generator_max_batch_size,
-                                    "max_latency_ms": s.generator_max_latency_ms,
-                                    "max_rows_per_call": s.generator_max_rows, "workers": s.generator_workers}},
+            batching=batching_info(s),
             limits=limits(s), metrics=A.flatten(self.manifest.get("metrics", {})))
+
+
+def batching_info(s: Settings) -> dict:
+    if s.batching == "engine":
+        return {"mode": "engine",
+                A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size, "wait_ms": 0, "workers": s.scorer_workers},
+                A.GENERATOR: {"max_rows": s.engine_max_rows, "max_step_tokens": s.engine_max_step_tokens,
+                              "max_waiting": s.engine_max_waiting, "workers": s.generator_workers}}
+    return {"mode": "adaptive",
+            A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size, "max_latency_ms": s.scorer_max_latency_ms,
+                           "workers": s.scorer_workers},
+            A.GENERATOR: {"max_batch_size": s.generator_max_batch_size, "max_latency_ms": s.generator_max_latency_ms,
+                          "max_rows_per_call": s.generator_max_rows, "workers": s.generator_workers}}
 
 
 def limits(s: Settings) -> dict:
@@ -208,6 +333,12 @@ async def _retrying(call, batch: list, attempts: int = 3):
             log.warning("connection to a model service lost (attempt %d of %d); retrying", attempt + 1, attempts)
 
 
+def _item(request: dict, n: int, seed: int) -> schemas.GenerationItem:
+    return schemas.GenerationItem(prompt=request["prompt"], n=n, max_new_tokens=request["max_new_tokens"],
+                                  temperature=request["temperature"], top_p=request["top_p"],
+                                  top_k=request["top_k"], seed=seed)
+
+
 def _seed(request: dict) -> int:
     return request["seed"] if request["seed"] is not None else secrets.randbelow(schemas.SEED_MAX + 1)
 
@@ -216,6 +347,10 @@ def _review(text: str, p: float) -> schemas.Review:
     return schemas.Review(text=text, p_positive=p, label=schemas.label(p))
 
 
+# A client that leaves cancels its work, in every service (service/disconnect.py); outermost, so that
+# it sees the body the guard reads.
+for _service in (Glowing, Scorer, Generator):
+    _service.add_asgi_middleware(CancelOnDisconnect)
 Glowing.add_asgi_middleware(
     Guard, models={"/score": REQUESTS.score, "/generate": REQUESTS.generate, "/reviews": REQUESTS.reviews,
                    "/info": REQUESTS.info},

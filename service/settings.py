@@ -33,6 +33,19 @@ class Settings(BaseSettings):
     generator_precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto = fp32 on CPU, fp16 on CUDA")
     threads: int | None = Field(None, ge=1, description="intra-op threads per model (unset = all cores)")
 
+    # ---- batching ------------------------------------------------------------------------------
+    batching: Literal["engine", "adaptive"] = Field(
+        "engine", description="engine = the generator's iteration-level engine (rows join and leave the "
+        "running batch at every step, tokens stream) and the scorer's zero-wait queue; adaptive = "
+        "BentoML's request-level adaptive batching for both (the previous serving path, kept for comparison)")
+    engine_max_rows: int = Field(64, ge=1, le=4096, description="engine: rows (sequences) in the running "
+                                 "batch at most")
+    engine_max_step_tokens: int = Field(4096, ge=1, description="engine: prompt positions (rows x longest "
+                                        "prompt, padded) prefilled in one step at most; the head of the queue "
+                                        "is always admitted when nothing runs")
+    engine_max_waiting: int = Field(1024, ge=1, description="engine: rows waiting for admission at most; a "
+                                    "request that would exceed it is answered 503 with Retry-After")
+
     # ---- adaptive batching (BentoML decorator values: read when service.py is imported) -------
     scorer_max_batch_size: int = Field(32, ge=1, le=1024, description="texts per classifier call; 1 turns "
                                        "adaptive batching off")

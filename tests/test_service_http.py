@@ -22,8 +22,8 @@ SAMPLING = {"prompt": "This movie", "max_new_tokens": 12, "temperature": 1.0, "t
 class Server(ServedGlowing):
     """The shared launcher (loadtests/server.py), failing the test instead of raising, with httpx helpers."""
 
-    def __init__(self, artifacts: Path, log: Path, **env: str):
-        super().__init__(artifacts, log, env)
+    def __init__(self, artifacts: Path, log: Path, target: str = "service.service:Glowing", **env: str):
+        super().__init__(artifacts, log, env, target=target)
 
     def wait_ready(self) -> float:
         try:
@@ -92,7 +92,8 @@ def test_info_by_get_and_post(server):
     assert got.status_code == posted.status_code == 200 and got.json() == posted.json()
     info = got.json()
     assert info["models"]["classifier"]["providers"] == ["CPUExecutionProvider"]
-    assert info["batching"]["generator"]["max_batch_size"] >= 1
+    assert info["batching"]["mode"] == "engine" and info["batching"]["generator"]["max_rows"] == 64
+    assert info["batching"]["generator"]["max_waiting"] >= 1 and info["batching"]["classifier"]["wait_ms"] == 0
     assert info["limits"]["max_concurrency"] == 64
     assert "classifier.imdb_test.accuracy" in info["metrics"]
 
@@ -160,12 +161,16 @@ def test_metrics_show_batch_sizes_candidates_and_acceptance(server):
     server.post("/reviews", {**SAMPLING, "n": 1, "min_positive": 0.0, "max_candidates": 4, "seed": 1})
     server.post("/generate", {"n": 100})  # an error, counted
     metrics = server.metrics()
-    for name in ("glowing_batch_size_bucket", "glowing_generator_call_rows_bucket", "glowing_reviews_candidates_bucket",
+    for name in ("glowing_batch_size_bucket", "glowing_reviews_candidates_bucket",
                  "glowing_reviews_acceptance_rate_bucket", "glowing_reviews_generated_total",
-                 "glowing_reviews_accepted_total", "bentoml_service_adaptive_batch_size_bucket"):
+                 "glowing_reviews_accepted_total", "glowing_time_to_first_token_seconds_bucket",
+                 "glowing_inter_token_latency_seconds_bucket", "glowing_request_queue_time_seconds_bucket",
+                 "glowing_e2e_request_latency_seconds_bucket", "glowing_num_requests_running",
+                 "glowing_num_requests_waiting", "glowing_prompt_tokens_total", "glowing_generation_tokens_total",
+                 "glowing_scorer_padding_share_bucket"):
         assert name in metrics, name
     assert re.search(r'glowing_errors_total\{endpoint="/generate",type="invalid_request_error"\} [1-9]', metrics)
-    assert _histogram(metrics, "glowing_batch_size", 'model="generator"')["+Inf"] >= 1
+    assert _histogram(metrics, "glowing_time_to_first_token_seconds", "")["+Inf"] >= 4
 
 
 def test_openapi_documents_the_endpoints_bounds_and_errors(server):
@@ -201,7 +206,7 @@ def test_overload_is_shed_with_503(exported, tmp_path):
 
 
 def test_batch_size_one_serves_without_adaptive_batching(exported, tmp_path):
-    srv = Server(exported, tmp_path / "serve.log", GLOWING_SCORER_MAX_BATCH_SIZE="1",
+    srv = Server(exported, tmp_path / "serve.log", GLOWING_BATCHING="adaptive", GLOWING_SCORER_MAX_BATCH_SIZE="1",
                  GLOWING_GENERATOR_MAX_BATCH_SIZE="1")
 
     def calls_and_texts() -> tuple[float, float]:

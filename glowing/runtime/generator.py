@@ -25,8 +25,13 @@ class CausalLM(Protocol):
         """Logits of the last position, float32 ``(batch, vocab)``, and the grown cache.
         ``past`` is None on the first call."""
 
-    def select(self, past: Any, rows: np.ndarray) -> Any:
-        """The cache of ``rows`` only, in that order."""
+    def select(self, past: Any, rows: np.ndarray, start: int = 0) -> Any:
+        """The cache of ``rows`` only, in that order, from position ``start`` on (the columns
+        before it are padding for every one of those rows)."""
+
+    def concat(self, pasts: Sequence[Any], pads: Sequence[int]) -> Any:
+        """One cache: each of ``pasts`` left-padded by ``pads[i]`` positions (zeros, masked), then
+        their rows stacked in order."""
 
 
 class Generator:
@@ -38,6 +43,8 @@ class Generator:
         self.eos_ids = eos_ids
         self._info = info
 
+    lm = property(lambda self: self._lm)  # the model calls, for the serving engine
+    codec = property(lambda self: self._codec)
     backend = property(lambda self: self._info["backend"])
     precision = property(lambda self: self._info["precision"])
     providers = property(lambda self: list(self._info["providers"]))
@@ -54,7 +61,7 @@ class Generator:
                      settings: SamplingSettings | Sequence[SamplingSettings]) -> list[list[int]]:
         """New token ids per prompt, end-of-text excluded."""
         rows = per_row(settings, len(prompts))
-        prompt_ids, max_new = self._encode(prompts, rows)
+        prompt_ids, max_new = self.encode(prompts, rows)
         out: list[list[int]] = [[] for _ in prompts]
         active = np.array([i for i in range(len(prompts)) if max_new[i] > 0], dtype=np.int64)
         if len(active) == 0:
@@ -84,7 +91,7 @@ class Generator:
             logits, past = self._lm.forward(tokens[:, None], mask, lengths[:, None].astype(np.int64), past)
             lengths = lengths + 1
 
-    def _encode(self, prompts: list[str], rows: list[SamplingSettings]) -> tuple[list[list[int]], list[int]]:
+    def encode(self, prompts: list[str], rows: list[SamplingSettings]) -> tuple[list[list[int]], list[int]]:
         """Prompt ids, cut from the left so that prompt + new tokens fit the model's context."""
         texts = [generation_prompt(p, self._codec.bos_token) for p in prompts]
         encodings = self._codec.tokenizer.encode_batch(texts, add_special_tokens=False)

@@ -130,5 +130,18 @@ class OnnxCausalLM:
         logits, *present = self.session.run(self._outputs, feeds)
         return logits[:, -1, :].astype(np.float32), present
 
-    def select(self, past: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
-        return [p[rows] for p in past]
+    def select(self, past: list[np.ndarray], rows: np.ndarray, start: int = 0) -> list[np.ndarray]:
+        return [p[rows, :, start:] for p in past]
+
+    def concat(self, pasts: list[list[np.ndarray]], pads: list[int]) -> list[np.ndarray]:
+        width = max(p[0].shape[2] + pad for p, pad in zip(pasts, pads))
+        total = sum(p[0].shape[0] for p in pasts)
+        out = []
+        for layer in zip(*pasts):
+            merged = np.zeros((total, layer[0].shape[1], width, layer[0].shape[3]), dtype=layer[0].dtype)
+            row = 0
+            for part in layer:
+                merged[row : row + part.shape[0], :, width - part.shape[2] :] = part
+                row += part.shape[0]
+            out.append(merged)
+        return out

@@ -87,8 +87,22 @@ class TorchCausalLM:
                              past_key_values=past, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float().cpu().numpy(), out.past_key_values
 
-    def select(self, past: Any, rows: np.ndarray) -> Any:
+    def select(self, past: Any, rows: np.ndarray, start: int = 0) -> Any:
         import torch
 
-        past.batch_select_indices(torch.from_numpy(rows).to(self.model.device))
+        index = torch.from_numpy(rows).to(self.model.device)
+        for layer in past.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         return past
+
+    def concat(self, pasts: list[Any], pads: list[int]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        merged = pasts[0]
+        for i, layer in enumerate(merged.layers):
+            parts = [(p.layers[i].keys, p.layers[i].values, pad) for p, pad in zip(pasts, pads)]
+            layer.keys = torch.cat([F.pad(k, (0, 0, pad, 0)) for k, _, pad in parts], dim=0)
+            layer.values = torch.cat([F.pad(v, (0, 0, pad, 0)) for _, v, pad in parts], dim=0)
+        return merged
+

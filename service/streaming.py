@@ -1,0 +1,116 @@
+"""Token streams between the services and to the client (no BentoML, no model here).
+
+Generator service -> API: one line of ASCII JSON per engine step that changed the request, a list of
+row events ``[index, delta, finish]`` (``finish`` null while the row runs, else stop, length,
+cancelled or error). ASCII, so that a chunk cut anywhere by the transport still decodes; the API
+reassembles lines (``read_lines``).
+
+API -> client (``"stream": true``): Server-Sent Events as OpenAI-style clients read them, one JSON
+object per ``data:`` line, ``data: [DONE]`` at the end; an error after the stream started is one
+``{"error": {...}}`` event, then the stream closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from glowing.runtime.engine import ERROR, AsyncEngine, IncrementalDetokenizer
+from glowing.runtime.sampling import SamplingSettings
+
+DONE = "data: [DONE]\n\n"
+
+
+class GeneratorFailed(RuntimeError):
+    """The generator service failed a request's rows, or its stream broke off."""
+
+
+def error_line(message: str) -> str:
+    return json.dumps({"error": message}) + "\n"
+
+
+def sse(event: dict[str, Any]) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str,
+                       rows: list[SamplingSettings]) -> AsyncIterator[str]:
+    """The generator service's side: the engine's updates as text-delta lines."""
+    detok = [IncrementalDetokenizer(tokenizer) for _ in rows]
+    async with aclosing(engine.generate(prompt, rows)) as steps:
+        async for updates in steps:
+            events = []
+            for u in updates:
+                delta = detok[u.index].add(u.token) if u.token is not None else ""
+                if u.finish is not None and u.finish != ERROR:
+                    delta += detok[u.index].finish()
+                if delta or u.finish is not None:
+                    events.append([u.index, delta, u.finish])
+            if events:
+                yield json.dumps(events) + "\n"  # ensure_ascii: see the module docstring
+
+
+async def read_lines(chunks: AsyncIterator[str]) -> AsyncIterator[list]:
+    """The API's side: row events from the generator service's chunks, whatever their cuts."""
+    buffer = ""
+    async with aclosing(chunks) as stream:
+        async for chunk in stream:
+            buffer += chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if line:
+                    yield json.loads(line)
+
+
+async def scored_rows(events: AsyncIterator[list], prompt: str, n: int,
+                      score: Callable[[list[str]], Awaitable[list[float]]]) -> AsyncIterator[dict]:
+    """Deltas as they come, ``{"index", "delta"}``; each row, once it ends, scored on its own (the
+    scorer batches across requests) and sent as ``{"index", "text", "p_positive", "finish_reason"}``
+    where ``text`` is the prompt and the whole continuation. Every row ends with its final event."""
+    out: asyncio.Queue = asyncio.Queue()
+    texts = [""] * n
+    finals = 0
+
+    async def finish(index: int, reason: str) -> None:
+        text = prompt + texts[index]
+        [p] = await score([text])
+        out.put_nowait({"index": index, "text": text, "p_positive": p, "finish_reason": reason})
+
+    async def produce() -> None:
+        scoring = []
+        try:
+            async with aclosing(events) as rows:
+                async for step in rows:
+                    if isinstance(step, dict):  # {"error": ...}: the generator failed these rows
+                        raise GeneratorFailed(step.get("error", "the generator failed"))
+                    for index, delta, reason in step:
+                        if delta:
+                            texts[index] += delta
+                            out.put_nowait({"index": index, "delta": delta})
+                        if reason is not None:
+                            scoring.append(asyncio.ensure_future(finish(index, reason)))
+            if len(scoring) < n:
+                raise GeneratorFailed(f"the generator's stream ended after {len(scoring)} of {n} rows")
+            await asyncio.gather(*scoring)
+        finally:
+            for task in scoring:
+                task.cancel()
+
+    def relay(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            out.put_nowait(task.exception())
+
+    producer = asyncio.ensure_future(produce())
+    producer.add_done_callback(relay)
+    try:
+        while finals < n:
+            item = await out.get()
+            if isinstance(item, BaseException):
+                raise item
+            finals += "text" in item
+            yield item
+    finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)

@@ -1,0 +1,255 @@
+"""The iteration-level engine on the exported tiny generator: exact replay whatever the batch, row
+cap and prefill budget, cancellation, failures, asyncio streaming and text deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
+from glowing.runtime import SamplingSettings, load_generator
+from glowing.runtime.engine import (CANCELLED, ERROR, LENGTH, STOP, AsyncEngine, Engine, EngineObserver,
+                                    GenerationError, IncrementalDetokenizer, QueueFull)
+
+LONG_PROMPT = " ".join(["The plot was moving and the cast was wonderful"] * 3)
+PROMPTS = ["This movie", "I went to see this film with my", "", LONG_PROMPT, "Great"]
+
+
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def generator(request, exported):
+    kind = exported / "onnx" / "generator" if request.param == "onnx" else exported / "generator"
+    return load_generator(kind, request.param, "cpu")
+
+
+def sampled(seed: int, tokens: int = 24) -> SamplingSettings:
+    return SamplingSettings(max_new_tokens=tokens, temperature=1.0, top_k=50, top_p=0.95, seed=seed)
+
+
+class Recorder:
+    """A sink per request: the tokens and the finish of each row."""
+
+    def __init__(self, n: int):
+        self.tokens = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+
+    def __call__(self, updates):
+        for u in updates:
+            if u.token is not None:
+                self.tokens[u.index].append(u.token)
+            if u.finish is not None:
+                assert self.finish[u.index] is None, "a row finished twice"
+                self.finish[u.index] = u.finish
+
+
+def alone(generator, prompt: str, settings: SamplingSettings) -> list[int]:
+    return generator.generate_ids([prompt], settings)[0]
+
+
+def test_rows_submitted_together_replay_the_request_level_loop(generator):
+    engine = Engine(generator, max_rows=8)
+    settings = [sampled(i, tokens=8 + 6 * i) for i in range(len(PROMPTS))]
+    recorders = [Recorder(1) for _ in PROMPTS]
+    for prompt, s, rec in zip(PROMPTS, settings, recorders):
+        engine.submit(prompt, [s], rec)
+    engine.run_until_idle()
+    for prompt, s, rec in zip(PROMPTS, settings, recorders):
+        assert rec.tokens[0] == alone(generator, prompt, s)
+        assert rec.finish[0] in (STOP, LENGTH)
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_a_row_joining_a_running_batch_half_way_is_identical(generator):
+    engine = Engine(generator, max_rows=8)
+    early = Recorder(2)
+    engine.submit(PROMPTS[1], [sampled(1, 40), sampled(2, 40)], early)
+    for _ in range(7):  # the first rows are 7 tokens in, their cache 7 columns wider than their prompt
+        engine.step()
+    late_short, late_long = Recorder(1), Recorder(1)
+    engine.submit("Great", [sampled(3, 30)], late_short)  # narrower than the running batch
+    engine.submit(LONG_PROMPT, [sampled(4, 30)], late_long)  # wider: the running rows are padded
+    engine.run_until_idle()
+    assert early.tokens == [alone(generator, PROMPTS[1], sampled(i, 40)) for i in (1, 2)]
+    assert late_short.tokens[0] == alone(generator, "Great", sampled(3, 30))
+    assert late_long.tokens[0] == alone(generator, LONG_PROMPT, sampled(4, 30))
+
+
+def test_cancelled_partners_leave_at_the_next_step_and_change_nothing(generator):
+    engine = Engine(generator, max_rows=8)
+    kept, dropped = Recorder(1), Recorder(3)
+    doomed = engine.submit(LONG_PROMPT, [sampled(10, 60), sampled(11, 60), sampled(12, 60)], dropped)
+    engine.submit(PROMPTS[0], [sampled(5, 40)], kept)
+    for _ in range(4):
+        engine.step()
+    assert engine.running == 4
+    doomed.cancel()
+    engine.step()
+    assert engine.running == 1 and dropped.finish == [CANCELLED] * 3
+    engine.run_until_idle()
+    assert kept.tokens[0] == alone(generator, PROMPTS[0], sampled(5, 40))
+    # cancelled rows do no more work: they got at most the tokens of the 4 steps before the cancel
+    assert all(len(t) <= 5 for t in dropped.tokens)
+
+
+def test_row_cap_and_prefill_budget_hold_and_everyone_gets_served(generator):
+    seen = []
+
+    class Watch(EngineObserver):
+        def step(self, running, waiting):
+            seen.append((running, waiting))
+
+    engine = Engine(generator, max_rows=3, max_step_tokens=12, observer=Watch())
+    recorders = [Recorder(1) for _ in range(7)]
+    for i, rec in enumerate(recorders):
+        engine.submit(PROMPTS[i % len(PROMPTS)], [sampled(20 + i, 10)], rec)
+    engine.run_until_idle()
+    assert max(r for r, _ in seen) <= 3
+    assert all(rec.finish[0] in (STOP, LENGTH) for rec in recorders)
+    for i, rec in enumerate(recorders):
+        assert rec.tokens[0] == alone(generator, PROMPTS[i % len(PROMPTS)], sampled(20 + i, 10))
+
+
+def test_a_full_queue_refuses_the_whole_request(generator):
+    engine = Engine(generator, max_waiting=4)
+    engine.submit("a", [sampled(1)] * 3, Recorder(3))
+    with pytest.raises(QueueFull, match="queue is full"):
+        engine.submit("b", [sampled(2)] * 2, Recorder(2))
+    assert engine.waiting == 3
+    engine.submit("c", [sampled(3)], Recorder(1))
+    assert engine.waiting == 4
+
+
+class FailingLM:
+    """The real model, except that a forward whose batch holds a row with ``poison`` raises."""
+
+    def __init__(self, lm, poison: int):
+        self.lm, self.poison, self.fail_next_decode = lm, poison, False
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        if past is None and (input_ids == self.poison).any():
+            raise RuntimeError("simulated model failure")
+        if past is not None and self.fail_next_decode:
+            self.fail_next_decode = False
+            raise RuntimeError("simulated decode failure")
+        return self.lm.forward(input_ids, attention_mask, position_ids, past)
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+
+def test_a_failing_model_call_fails_only_its_rows(generator, monkeypatch):
+    poison = generator.encode(["zzzz"], [sampled(0)])[0][0][-1]
+    engine = Engine(generator)
+    engine._lm = FailingLM(generator.lm, poison)
+    good, bad = Recorder(1), Recorder(2)
+    engine.submit(PROMPTS[1], [sampled(7, 20)], good)
+    engine.step()  # the good row runs
+    engine.submit("zzzz", [sampled(8)] * 2, bad)  # its prefill fails
+    engine.run_until_idle()
+    assert bad.finish == [ERROR, ERROR]
+    assert good.tokens[0] == alone(generator, PROMPTS[1], sampled(7, 20))
+    # a failed decoding step fails the running rows; the next request is served
+    victim, after = Recorder(1), Recorder(1)
+    engine.submit("This movie", [sampled(9, 20)], victim)
+    engine.step()
+    engine._lm.fail_next_decode = True
+    engine.step()
+    assert victim.finish == [ERROR] and engine.running == 0
+    engine.submit("This movie", [sampled(9, 20)], after)
+    engine.run_until_idle()
+    assert after.tokens[0] == alone(generator, "This movie", sampled(9, 20))
+
+
+def test_async_streaming_threaded_engine_and_cancellation(generator):
+    engine = Engine(generator, max_rows=16)
+    engine.start()
+    try:
+        async def main():
+            bridge = AsyncEngine(engine)
+            rows = [sampled(30, 30), sampled(31, 30)]
+            got = [[], []]
+            async for updates in bridge.generate("This movie", rows):
+                for u in updates:
+                    if u.token is not None:
+                        got[u.index].append(u.token)
+            assert got == [alone(generator, "This movie", s) for s in rows]
+
+            async def abandoned():
+                async for _ in bridge.generate(LONG_PROMPT, [sampled(40, 60)] * 4):
+                    await asyncio.sleep(10)  # a slow consumer that gets cancelled
+
+            task = asyncio.create_task(abandoned())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for _ in range(100):
+                if engine.running == 0 and engine.waiting == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.running == 0 and engine.waiting == 0
+
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def test_async_errors_raise_generation_error(generator):
+    poison = generator.encode(["zzzz"], [sampled(0)])[0][0][-1]
+    engine = Engine(generator)
+    engine._lm = FailingLM(generator.lm, poison)
+    engine.start()
+    try:
+        async def main():
+            bridge = AsyncEngine(engine)
+            with pytest.raises(GenerationError, match="generator failed"):
+                async for _ in bridge.generate("zzzz", [sampled(1)]):
+                    pass
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def test_idle_engine_starts_a_row_at_once(generator):
+    """No batching wait: the loop thread wakes on submit."""
+    engine = Engine(generator)
+    engine.start()
+    try:
+        first = threading.Event()
+        engine.submit("This movie", [sampled(1, 4)], lambda updates: first.set())
+        assert first.wait(5.0)
+    finally:
+        engine.stop()
+
+
+def test_detokenizer_deltas_add_up_to_the_decoded_text(generator):
+    tokenizer = generator.codec.tokenizer
+    for seed in range(6):
+        ids = alone(generator, "This movie", sampled(seed, 40))
+        detok = IncrementalDetokenizer(tokenizer)
+        text = "".join(detok.add(t) for t in ids) + detok.finish()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True) == detok.text
+    # a multi-byte character split over byte-level tokens is held back until it is complete
+    ids = tokenizer.encode("café ☃ done").ids
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(t) for t in ids]
+    assert "\ufffd" not in "".join(deltas) and "".join(deltas) + detok.finish() == tokenizer.decode(ids)
+
+
+def test_invalid_engine_settings_name_the_setting(generator):
+    with pytest.raises(ValueError, match="max_rows"):
+        Engine(generator, max_rows=0)
+
+
+def test_cache_width_stays_bounded_by_the_longest_history(generator):
+    """Rows leaving cut the columns every remaining row masks: the cache never outgrows the context."""
+    engine = Engine(generator, max_rows=4)
+    engine.submit(LONG_PROMPT, [sampled(50, 5)], Recorder(1))  # wide and short-lived
+    engine.submit("Great", [sampled(51, 30)], Recorder(1))
+    widths = []
+    while engine.step():
+        if engine._batch is not None:
+            widths.append((engine._batch.mask.shape[1], int(engine._batch.lengths.max())))
+    assert all(w == longest for w, longest in widths)
+    assert np.isfinite(widths[-1][0])
