@@ -32,9 +32,11 @@ EXTRA = {"405": "Method Not Allowed", "413": "Payload Too Large (the body exceed
          "503": "Overloaded: too many requests in flight, retry after the Retry-After header",
          "504": "The request did not finish within the timeout"}
 # /generate with "stream": true answers Server-Sent Events (service/streaming.py)
-EVENT_STREAM = {"schema": {"type": "string", "description": 'Server-Sent Events: data: {"index", "delta"} as '
-                           'tokens are made; data: {"index", "text", "p_positive", "label", "finish_reason", "seed"} '
-                           'when a review ends; data: [DONE]. An error after the start is data: {"error": {...}}'}}
+EVENT_STREAM = {"schema": {"type": "object", "required": ["data"], "description": "one Server-Sent Event", "properties": {
+    "data": {"type": "string", "description": '{"index", "delta"} as tokens are made; {"index", "text", "p_positive", '
+             '"label", "finish_reason", "seed"} when a review ends; [DONE] last. An error after the start is '
+             '{"error": {...}}, the last event'},
+    "event": {"type": "string"}, "id": {"type": "string"}}}}
 STREAMING_PATHS = frozenset({"/generate"})
 UNAUTHORIZED = {"401": {"description": "Missing or wrong API key (Authorization: Bearer <key>)", **REF}}
 
