@@ -4,6 +4,8 @@
 
     scorer = load_scorer("artifacts/onnx/classifier", backend="onnx", device="auto", precision="int8")
     scorer.score(["A wonderful film.", "Dull."])            # -> [0.97, 0.04]  P(positive), in order
+    queue = ScoreQueue(scorer, max_texts=64)                  # zero-wait batching for an asyncio server
+    await queue.score(["A wonderful film."])                  # merged with whatever else is queued
     gen = load_generator("artifacts/onnx/generator", backend="onnx", device="auto")
     gen.generate(["This movie"], SamplingSettings(max_new_tokens=64, top_k=50, top_p=0.95, seed=1))
 
@@ -23,9 +25,10 @@ from glowing.runtime.files import (CLASSIFIER, GENERATOR, DeviceError, ModelFile
                                    read_max_length, rebuild_hint, resolve_model_dir)
 from glowing.runtime.generator import Generator
 from glowing.runtime.sampling import SamplingSettings
+from glowing.runtime.score_queue import QueueClosed, ScoreQueue
 from glowing.runtime.scorer import MAX_BATCH_TOKENS, Scorer, plan_calls
 
-__all__ = ["load_scorer", "load_generator", "SamplingSettings", "Scorer", "plan_calls",
+__all__ = ["load_scorer", "load_generator", "SamplingSettings", "Scorer", "ScoreQueue", "QueueClosed", "plan_calls",
            "Generator", "ModelFileError", "DeviceError", "BACKENDS"]
 BACKENDS = ("onnx", "torch")
 log = logging.getLogger("glowing.runtime")
