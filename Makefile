@@ -10,7 +10,7 @@ TRAIN_ARGS ?=
 # Which trained generator `make export` turns into the served one: finetuned (generator/) or rl (rl/, `make rl`).
 GENERATOR ?= finetuned
 
-.PHONY: help install test models rl clean-models export bench
+.PHONY: help install test models rl clean-models export bench bench-scoring
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ export: install  ## export $(ARTIFACTS)/ to ONNX (fp32, int8, fp16) with parity 
 
 bench: install  ## CPU benchmark PyTorch vs ONNX Runtime on $(ARTIFACTS)/ -> reports/bench/
 	$(PYTHON) -m export.bench --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench
+
+bench-scoring: install  ## how /score texts are grouped into classifier calls, in ms/text (fp32, int8, fp16) -> reports/bench/
+	$(PYTHON) -m export.bench_scoring --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench
 
 # ---- service --------------------------------------------------------------------------------
 HOST ?= 127.0.0.1

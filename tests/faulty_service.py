@@ -2,7 +2,7 @@
 
     bentoml serve tests.faulty_service:Glowing
 
-A scoring batch that holds a text containing ``FAULT`` raises inside the model call, as a runtime
+A scoring batch (a take of the zero-wait queue, or an adaptive batch) that holds a text containing ``FAULT`` raises inside the model call, as a runtime
 error or a model bug would; every other batch is scored normally. The fault lives here, in the test
 tree, and is applied by patching ``service.models.load`` before the service module is imported (every
 BentoML worker imports this module): the production code has no switch that could inject it.
@@ -22,11 +22,19 @@ class FaultyScorer:
     def __init__(self, model):
         self.model = model
 
-    def score(self, texts: list[str]) -> list[float]:
+    def score(self, texts: list[str]) -> list[float]:  # GLOWING_BATCHING=adaptive
+        self._check(texts)
+        return self.model.score(texts)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:  # the engine mode's ScoreQueue starts here
+        self._check(texts)
+        return self.model.encode(texts)
+
+    @staticmethod
+    def _check(texts: list[str]) -> None:
         if any(FAULT in t for t in texts):
             log.warning("injected fault: a batch of %d texts fails", len(texts))
             raise RuntimeError("injected fault")
-        return self.model.score(texts)
 
     def __getattr__(self, name):
         return getattr(self.model, name)

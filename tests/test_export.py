@@ -158,3 +158,21 @@ def test_bench_runs_every_contender_and_writes_the_table(exported, export_data_d
     assert all(r[k] > 0 for r in report["generator"] for k in ("PyTorch", "ORT fp32", "PyTorch HF generate"))
     table = (out / "bench.md").read_text()
     assert "| tokens | batch | PyTorch fp32 | ORT fp32 | ORT int8 |" in table and "ORT / PyTorch" in table
+
+
+def test_scoring_bench_runs_every_grouping_and_fits_the_cost_model(exported, export_data_dir, tmp_path):
+    from export.bench_scoring import CONTENDERS, main as bench_scoring
+
+    out = tmp_path / "bench"
+    assert bench_scoring(["--artifacts", str(exported), "--data-dir", str(export_data_dir), "--out", str(out),
+                          "--repeats", "1", "--fit"]) == 0
+    report = json.loads((out / "bench_scoring.json").read_text())
+    assert [r["precision"] for r in report["precisions"]] == ["fp32", "int8", "fp16"]
+    for result in report["precisions"]:
+        assert tuple(result["rows"]) == CONTENDERS[result["precision"]]
+        assert all(row["ms_per_text"] > 0 and 0 <= row["padding_share"] < 1 for row in result["rows"].values())
+    rows = report["precisions"][0]["rows"]
+    assert rows["one text per call"]["padding_share"] == 0 and rows["one text per call"]["calls"] == 256
+    assert rows["arrival 16, one call each (main)"]["calls"] == 16
+    assert report["fit"]["call_overhead_positions"] > 0
+    assert "| fp32 | arrival 16, planner |" in (out / "bench_scoring.md").read_text()

@@ -4,6 +4,8 @@
 
     scorer = load_scorer("artifacts/onnx/classifier", backend="onnx", device="auto", precision="int8")
     scorer.score(["A wonderful film.", "Dull."])            # -> [0.97, 0.04]  P(positive), in order
+    queue = ScoreQueue(scorer, max_texts=64)                  # zero-wait batching for an asyncio server
+    await queue.score(["A wonderful film."])                  # merged with whatever else is queued
     gen = load_generator("artifacts/onnx/generator", backend="onnx", device="auto")
     gen.generate(["This movie"], SamplingSettings(max_new_tokens=64, top_k=50, top_p=0.95, seed=1))
 
@@ -23,10 +25,11 @@ from glowing.runtime.files import (CLASSIFIER, GENERATOR, DeviceError, ModelFile
                                    read_max_length, rebuild_hint, resolve_model_dir)
 from glowing.runtime.generator import Generator
 from glowing.runtime.sampling import SamplingSettings
-from glowing.runtime.scorer import Scorer
+from glowing.runtime.score_queue import QueueClosed, ScoreQueue
+from glowing.runtime.scorer import MAX_BATCH_TOKENS, Scorer, plan_calls
 
-__all__ = ["load_scorer", "load_generator", "SamplingSettings", "Scorer", "Generator", "ModelFileError",
-           "DeviceError", "BACKENDS"]
+__all__ = ["load_scorer", "load_generator", "SamplingSettings", "Scorer", "ScoreQueue", "QueueClosed", "plan_calls",
+           "Generator", "ModelFileError", "DeviceError", "BACKENDS"]
 BACKENDS = ("onnx", "torch")
 log = logging.getLogger("glowing.runtime")
 
@@ -37,10 +40,13 @@ def _check_backend(backend: str) -> None:
 
 
 def load_scorer(model_dir: str | Path, backend: str = "onnx", device: str = "auto", precision: str = "fp32", *,
-                threads: int | None = None, batch_size: int | None = None, max_length: int | None = None) -> Scorer:
+                threads: int | None = None, batch_size: int | None = None, max_length: int | None = None,
+                max_batch_tokens: int = MAX_BATCH_TOKENS) -> Scorer:
     """A sentiment scorer. ``precision``: fp32, int8 (ONNX, CPU) or fp16 (GPU). ``threads``: threads
     the model uses (None = all cores). ``batch_size``: texts per model call (default 32; 1 for int8,
-    see below). ``max_length`` lowers the truncation length below the model's own.
+    see below). ``max_batch_tokens``: padded positions (rows x longest text) per model call; the
+    texts of one ``score`` call are sorted by length and split into model calls within both limits
+    (``plan_calls``). ``max_length`` lowers the truncation length below the model's own.
 
     int8 runs one text per call: dynamic quantization computes its activation scales over the
     whole input tensor, so in a batch a text's score would move (by up to 0.017 measured) with its
@@ -59,6 +65,8 @@ def load_scorer(model_dir: str | Path, backend: str = "onnx", device: str = "aut
     limit = read_max_length(path, config, fix)
     if max_length is not None and not 1 <= max_length <= limit:
         raise ValueError(f"max_length={max_length}: must be between 1 and the model's {limit}")
+    if max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens={max_batch_tokens}: must be >= 1")
     workers = 1
     if backend == "onnx":
         from glowing.runtime import onnx_backend as ob
@@ -78,7 +86,7 @@ def load_scorer(model_dir: str | Path, backend: str = "onnx", device: str = "aut
     info = {"backend": backend, "precision": precision, "device": device, "providers": providers,
             "model_file": str(file), "threads": threads}
     return Scorer(forward, codec, max_length=max_length or limit, positive_index=int(positive),
-                  batch_size=batch_size, info=info, row_workers=workers)
+                  batch_size=batch_size, info=info, row_workers=workers, max_batch_tokens=max_batch_tokens)
 
 
 def load_generator(model_dir: str | Path, backend: str = "onnx", device: str = "auto", precision: str = "fp32", *,
