@@ -3,7 +3,7 @@
     .venv/bin/python -m loadtests.run --artifacts artifacts --out reports/loadtest     # `make loadtest`
     .venv/bin/python -m loadtests.run --scenarios batching,no-batching --users 1,8,32 --duration 10
     .venv/bin/python -m loadtests.run --smoke --artifacts /tmp/tiny-artifacts --out /tmp/lt
-    .venv/bin/python -m loadtests.run --workers 2 ...    # Locust distributed: a master and 2 worker processes
+    .venv/bin/python -m loadtests.run --workers 2 --scenarios batching --users 16,64   # a Locust master + 2 workers
 
 For each scenario (a set of ``GLOWING_*`` settings) it starts ``bentoml serve`` on a free loopback
 port, waits for ``/readyz``, runs headless Locust (its own CLI process) once per user count for
