@@ -4,6 +4,9 @@ and agree on ports. No cluster here: these are the checks that need none."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,12 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"  # the manifests; deploy/k8s/kustomization.yaml includes them, overlays build on them
 
 
 def documents() -> dict[str, dict]:
     docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") != "Kustomization":
                 docs[doc["kind"]] = doc
@@ -36,9 +40,19 @@ def container(k8s) -> dict:
 
 def test_manifests_parse_and_kustomization_lists_them_all(k8s):
     assert set(k8s) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in BASE.glob("*.yaml")
                                                         if p.name != "kustomization.yaml")
+    assert yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] == ["base"]
+    assert [p.name for p in K8S.glob("*.yaml")] == ["kustomization.yaml"]  # a manifest there would not be applied
+
+
+@pytest.mark.parametrize("overlay", sorted(p.parent.name for p in K8S.glob("*/kustomization.yaml")
+                                           if p.parent != BASE))
+def test_overlays_build_on_base_not_on_the_folder_that_holds_them(overlay):
+    """kustomize refuses an overlay whose base folder contains it (cycle detected): `..` from
+    deploy/k8s/cpu did not build; every overlay names ../base."""
+    assert yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())["resources"][0] == "../base"
 
 
 def test_one_gpu_per_pod_requested_and_limited(k8s):
@@ -151,18 +165,32 @@ def _apply(doc: dict, ops: list[dict]) -> dict:
             node[key] = op["value"]
         else:
             assert op["op"] == "add", op
-            node[key] = op["value"]
+            if isinstance(node, list):  # into an array, add inserts before the index ("-": at the end)
+                node.insert(len(node) if last == "-" else key, op["value"])
+            else:
+                node[key] = op["value"]
     return doc
 
 
-def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
-    overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
-    assert overlay["resources"] == [".."]
+def _overlay(k8s: dict[str, dict], name: str) -> dict[str, dict]:
+    """The base documents with the overlay's patches applied, as kustomize would, plus its own resources."""
+    overlay = yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
+    assert overlay["resources"][0] == "../base"
     patched = dict(k8s)
+    for extra in overlay["resources"][1:]:
+        doc = yaml.safe_load((K8S / name / extra).read_text())
+        assert doc["kind"] not in patched, extra
+        patched[doc["kind"]] = doc
     for patch in overlay["patches"]:
-        kind, name = patch["target"]["kind"], patch["target"]["name"]
-        assert patched[kind]["metadata"]["name"] == name
+        kind, target = patch["target"]["kind"], patch["target"]["name"]
+        assert patched[kind]["metadata"]["name"] == target
         patched[kind] = _apply(patched[kind], yaml.safe_load(patch["patch"]))
+    return patched
+
+
+def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
+    assert yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())["resources"] == ["../base"]
+    patched = _overlay(k8s, "cpu")
     c = container(patched)
     assert c["image"].split(":")[0] == yaml.safe_load((ROOT / "bentofile.cpu.yaml").read_text())["name"]
     assert "nvidia.com/gpu" not in c["resources"]["requests"] and "nvidia.com/gpu" not in c["resources"]["limits"]
@@ -172,3 +200,25 @@ def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert Settings().device == "cpu"
+
+
+def _kustomize() -> list[str] | None:
+    """A kustomize to build with: $KUSTOMIZE (a kustomize or kubectl binary), else either on PATH."""
+    found = os.environ.get("KUSTOMIZE") or shutil.which("kustomize") or shutil.which("kubectl")
+    if not found:
+        return None
+    return [found, "build"] if Path(found).name.startswith("kustomize") else [found, "kustomize"]
+
+
+@pytest.mark.parametrize("folder", ["", "cpu"])
+def test_kustomize_builds_what_these_tests_check(k8s, folder):
+    """The real build (kubectl's kustomize, v5.5.0 in kubectl 1.32 here) equals the documents the tests
+    above check, patches applied: the emulation in ``_apply`` is what kustomize does. Skipped where
+    neither kustomize nor kubectl exists."""
+    command = _kustomize()
+    if command is None:
+        pytest.skip("no kustomize or kubectl (set KUSTOMIZE to one)")
+    out = subprocess.run([*command, str(K8S / folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    built = {doc["kind"]: doc for doc in yaml.safe_load_all(out.stdout) if doc}
+    assert built == (_overlay(k8s, folder) if folder else k8s)
