@@ -1,6 +1,8 @@
 """The load test can't rot: ``python -m loadtests.run --smoke`` against the exported tiny models
-(one scenario, users 1 and 4, 5 s steps; about 45 s on 2 CPU cores), once with one Locust process and
-once in Locust's distributed mode (``--workers 2``), plus the report's arithmetic.
+(one scenario, users 1 and 4, 5 s steps), once with one Locust process and once in Locust's distributed
+mode (``--workers 2``); a SIGTERM in the middle of a distributed step; Locust's master against a slow
+loopback server; the report's arithmetic. About 95 s on 2 shared CPU cores, 20 s of it building the
+tiny models.
 
 Locust runs only as its own CLI process (``loadtests.run`` starts it): importing it here, next to
 ssl/httpx, would die in gevent's monkey-patching."""
