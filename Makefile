@@ -64,10 +64,14 @@ serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT
 	GLOWING_ARTIFACTS=$(ARTIFACTS) $(VENV)/bin/bentoml serve --host $(HOST) --port $(PORT)
 
 # ---- load test ------------------------------------------------------------------------------
+# LOADTEST_WORKERS: 0 = one Locust process; N >= 2 = Locust's distributed mode, a master and N workers
+# (for when one Locust process, one core, cannot generate the load; docs/LOADTESTS.md).
+LOADTEST_WORKERS ?= 0
+
 .PHONY: loadtest soak
 
-loadtest: install $(ARTIFACTS)/onnx/parity.json  ## Locust ladder (batching on/off, onnx/torch, int8/fp32) -> reports/loadtest/ (about 8 min)
-	$(PYTHON) -m loadtests.run --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/loadtest
+loadtest: install $(ARTIFACTS)/onnx/parity.json  ## Locust ladder (batching on/off, onnx/torch, int8/fp32) -> reports/loadtest/ (about 8 min; LOADTEST_WORKERS=N)
+	$(PYTHON) -m loadtests.run --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --workers $(LOADTEST_WORKERS) --out reports/loadtest
 
 soak: install $(ARTIFACTS)/onnx/parity.json  ## 11 min of Locust at the saturation load, RSS of every server process -> reports/soak/ (about 12 min)
 	$(PYTHON) -m loadtests.soak --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/soak

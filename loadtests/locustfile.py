@@ -18,10 +18,13 @@ Environment (all optional):
 - ``LOADTEST_MAX_NEW_TOKENS`` (default 32), ``LOADTEST_N`` (default 1): ``/generate`` and ``/reviews`` sizes.
 - ``GLOWING_API_KEY``: sent as ``Authorization: Bearer <key>`` (the server's own setting, so that one
   exported variable serves both); unset = no header.
+- ``LOADTEST_WORKER_COUNTS``: on a ``--worker`` (distributed mode, ``loadtests.run --workers N``), a JSON
+  file this worker keeps its running totals in, per request name: what it reported to the master.
 
 Loopback targets only (the run refuses any other host) and a bounded run (``-t`` is required headless).
 A non-200 answer is a failure; a 503 is reported as ``shed (503)`` in the failures, so that load shed
-by the server is told apart from errors. This file imports only Locust and the standard library.
+by the server is told apart from errors. This file imports only Locust (with its gevent) and the standard
+library.
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ import itertools
 import json
 import os
 import random
+import time
 from urllib.parse import urlparse
 
+import gevent
 from locust import HttpUser, between, constant, events, task
+from locust.rpc import Message
+from locust.runners import STATE_STOPPED, MasterRunner, WorkerRunner
 
 FALLBACK = {"texts": ["Great film.", "Awful, boring, a waste of time.",
                       "I went in expecting little and came out moved. The cast is wonderful."],
@@ -82,6 +89,53 @@ def _guard(environment, **_kw):
         raise SystemExit(f"locustfile: --host {opts.host!r} is not a loopback address; load only 127.0.0.1")
     if getattr(opts, "headless", False) and not getattr(opts, "run_time", None):
         raise SystemExit("locustfile: a headless run needs a bounded duration: pass -t/--run-time")
+
+
+@events.init.add_listener
+def _distributed(environment, **_kw):
+    """Distributed mode (``loadtests.run --workers N``): no request may go missing between workers and master.
+
+    Locust's master, on quitting, gives its workers 0.5 s for their final reports and then stops
+    listening. A worker first lets its users finish the request they are waiting on (``--stop-timeout``),
+    so near saturation its last report comes later and is dropped: 54 of 365 ``/reviews`` requests at 64
+    users here. Each worker marks the report it sends once stopped, and the master waits for every
+    worker's marked report (at most ``--stop-timeout`` + 5 s) before it stops listening. A worker with
+    ``LOADTEST_WORKER_COUNTS`` set also adds up what it reported, per request name, in that JSON file
+    (rewritten after each report), so that the run can check the master's aggregate against it."""
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        path = os.environ.get("LOADTEST_WORKER_COUNTS")
+        totals: dict[str, dict[str, int]] = {}
+
+        def on_report(client_id, data, **_kw):  # runs after Locust's own listener has filled ``data``
+            data["loadtest_final"] = runner.state == STATE_STOPPED
+            if not path:
+                return
+            for entry in data.get("stats", []):
+                row = totals.setdefault(entry["name"], {"requests": 0, "failures": 0})
+                row["requests"] += entry["num_requests"]
+                row["failures"] += entry["num_failures"]
+            with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+                json.dump(totals, f)
+            os.replace(f"{path}.tmp", path)
+
+        environment.events.report_to_master.add_listener(on_report)
+    elif isinstance(runner, MasterRunner):
+        final: set[str] = set()
+        environment.events.worker_report.add_listener(
+            lambda client_id, data, **_kw: final.add(client_id) if data.get("loadtest_final") else None)
+
+        def quit_after_final_reports():  # MasterRunner.quit (Locust 2.47) with the 0.5 s sleep replaced
+            workers = {c.id for c in runner.clients.all}
+            runner.stop(send_stop_to_client=False)
+            for worker in workers:
+                runner.server.send_to_client(Message("quit", None, worker))
+            deadline = time.monotonic() + (environment.stop_timeout or 0) + 5
+            while not final >= workers and time.monotonic() < deadline:
+                gevent.sleep(0.1)
+            runner.greenlet.kill(block=True)
+
+        runner.quit = quit_after_final_reports
 
 
 def _check(resp) -> None:

@@ -125,6 +125,9 @@ def markdown(summary: dict) -> str:
              "so the ladder measures the models, not the admission limit",
              f"- payloads: {summary['payloads']['texts']} texts and {summary['payloads']['prompts']} prompts from "
              f"{summary['payloads']['source']}; started {summary['started']}, took {summary['elapsed_s']:.0f} s",
+             "- load generator: " + (f"Locust distributed, a master and {summary['workers']} worker processes "
+                                     "(requests per worker in summary.json, `requests_by_worker`)"
+                                     if summary.get("workers") else "one Locust process"),
              ""]
     r = summary.get("ratios", {})
     head = r.get("batching_vs_no_batching")

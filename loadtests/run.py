@@ -3,11 +3,18 @@
     .venv/bin/python -m loadtests.run --artifacts artifacts --out reports/loadtest     # `make loadtest`
     .venv/bin/python -m loadtests.run --scenarios batching,no-batching --users 1,8,32 --duration 10
     .venv/bin/python -m loadtests.run --smoke --artifacts /tmp/tiny-artifacts --out /tmp/lt
+    .venv/bin/python -m loadtests.run --workers 2 --scenarios batching --users 16,64   # a Locust master + 2 workers
 
 For each scenario (a set of ``GLOWING_*`` settings) it starts ``bentoml serve`` on a free loopback
 port, waits for ``/readyz``, runs headless Locust (its own CLI process) once per user count for
 ``--duration`` seconds, scrapes ``/metrics`` around every step (observed batch sizes), stops the
 server, and finally writes ``summary.json``, ``report.md`` and PNG plots into ``--out``.
+
+``--workers N`` (N >= 2) runs each step in Locust's distributed mode, for when one Locust process (one
+core) cannot generate the load: a master on a free loopback port and N worker processes
+(``loadtests/distributed.py``); the master merges the workers' statistics, so the report is the same,
+and each step also records every worker's request count (``requests_by_worker``, which adds up to
+``requests``). 0 or 1 (the default) = one Locust process, as before.
 
 With ``GLOWING_API_KEY`` in the environment, each server requires it, and Locust and the ``/metrics``
 scrapes send it. Every scenario raises ``GLOWING_MAX_CONCURRENCY`` to 256, above the top of the
@@ -28,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests import payloads, report
+from loadtests import distributed, payloads, report
 from loadtests.server import ROOT, Server, descendants
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -80,13 +87,18 @@ def batch_histogram(metrics: str, model: str) -> dict[str, float]:
 
 
 def run_locust(url: str, user_class: str, users: int, duration: int, prefix: Path, env: dict[str, str],
-               log: Path) -> int:
-    cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), user_class, "--headless",
-           "-u", str(users), "-r", str(users), "-t", f"{duration}s", "--stop-timeout", "10", "--host", url,
-           "--csv", str(prefix), "--json-file", str(prefix), "--only-summary", "--loglevel", "WARNING"]
+               log: Path, workers: int = 0) -> int:
+    """One headless Locust run; with ``workers`` >= 2 a master and that many workers (``log``: the master's)."""
+    base = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), user_class, "--host", url,
+            "--loglevel", "WARNING"]
+    headless = ["--headless", "-u", str(users), "-r", str(users), "-t", f"{duration}s", "--stop-timeout", "10",
+                "--csv", str(prefix), "--json-file", str(prefix), "--only-summary"]
+    if workers >= 2:
+        return distributed.run(base, headless, workers, prefix, {**os.environ, **env}, log,
+                               timeout=duration + 90 + distributed.WORKERS_WAIT_S)
     with open(log, "wb") as out:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=duration + 90)
+        proc = subprocess.run(base + headless, cwd=ROOT, env={**os.environ, **env}, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=duration + 90)
     return proc.returncode
 
 
@@ -107,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "closed loop) or a range like 0.5-2 (LOADTEST_WAIT)")
     ap.add_argument("--data-dir", type=Path, default=None, help="folder with imdb/test.parquet for the payloads "
                     "(default: $GLOWING_DATA_DIR or ../shared/data; built-in examples when missing)")
+    ap.add_argument("--workers", type=int, default=0, help="Locust worker processes: 0 or 1 (default) = one "
+                    "Locust process; N >= 2 = Locust's distributed mode, a master and N workers on loopback, for "
+                    "when one process (one core) cannot generate the load")
     ap.add_argument("--out", type=Path, default=Path("reports/loadtest"),
                     help="output folder: summary.json, report.md, *.png, raw/ (default: reports/loadtest)")
     ap.add_argument("--smoke", action="store_true", help="a quick check, under a minute: scenario batching, "
@@ -125,6 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--users: a comma list of positive integers, got {args.users!r}")
     if args.duration < 1:
         ap.error("--duration: at least 1 second")
+    if args.workers < 0:
+        ap.error(f"--workers: 0 or more, got {args.workers}")
     if not (args.artifacts / "manifest.json").is_file():
         ap.error(f"--artifacts: {args.artifacts} has no manifest.json (make models && make export)")
     return args
@@ -171,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                 before = batch_histogram(page, "classifier"), batch_histogram(page, "generator")
                 cpu_before, t0 = cpu_seconds(server), time.monotonic()
                 rc = run_locust(server.url, user_class, users, args.duration, prefix, locust_env,
-                                Path(f"{prefix}_locust.log"))
+                                Path(f"{prefix}_locust.log"), args.workers)
                 cpu_after, wall = cpu_seconds(server), time.monotonic() - t0
                 page = server.metrics()
                 after = batch_histogram(page, "classifier"), batch_histogram(page, "generator")
                 step = report.read_step(prefix, args.endpoint)
+                step["requests_by_worker"] = (distributed.worker_requests(prefix, args.workers, args.endpoint)
+                                              if args.workers >= 2 else [step["requests"]])
                 step["cpu_ms_per_request"] = {role: round((cpu_after[role] - cpu_before.get(role, 0.0))
                                                          / max(step["requests"], 1) * 1000, 2)
                                              for role in cpu_after}  # CPU ms per request, by process
@@ -190,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"p95 {step['p95']} ms, p99 {step['p99']} ms, {step['requests']} requests, "
                       f"{step['failures']} failed ({step['shed']} shed), mean classifier batch "
                       f"{step['batches']['classifier']['mean']}", flush=True)
+                if sum(step["requests_by_worker"]) != step["requests"]:
+                    print(f"[{name}] {users:>3} users: the workers reported {step['requests_by_worker']} requests, "
+                          f"the master counted {step['requests']}", flush=True)
             results.append({"name": name, "env": env, "description": description, "ready_s": round(ready_s, 1),
                             "steps": steps})
         finally:
             server.stop()
     summary = {
         "endpoint": args.endpoint, "users": args.user_list, "duration_s": args.duration, "wait": args.wait,
+        "workers": args.workers if args.workers >= 2 else 0,
         "max_concurrency": int(MAX_CONCURRENCY), "artifacts": str(args.artifacts),
         "payloads": {"source": pl["source"], "texts": len(pl["texts"]), "prompts": len(pl["prompts"])},
         "machine": machine(),

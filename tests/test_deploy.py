@@ -240,7 +240,7 @@ def test_the_service_imports_from_the_bento_source(bento_dir):
 
 
 def test_kubernetes_probe_paths_answer_on_the_served_bento(served_bento):
-    deployment = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/deployment.yaml").read_text())
+    deployment = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/base/deployment.yaml").read_text())
                       if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):

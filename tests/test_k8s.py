@@ -4,6 +4,9 @@ and agree on ports. No cluster here: these are the checks that need none."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,12 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"  # the manifests; deploy/k8s/kustomization.yaml includes them, overlays build on them
 
 
 def documents() -> dict[str, dict]:
     docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") != "Kustomization":
                 docs[doc["kind"]] = doc
@@ -36,9 +40,19 @@ def container(k8s) -> dict:
 
 def test_manifests_parse_and_kustomization_lists_them_all(k8s):
     assert set(k8s) == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in BASE.glob("*.yaml")
                                                         if p.name != "kustomization.yaml")
+    assert yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] == ["base"]
+    assert [p.name for p in K8S.glob("*.yaml")] == ["kustomization.yaml"]  # a manifest there would not be applied
+
+
+@pytest.mark.parametrize("overlay", sorted(p.parent.name for p in K8S.glob("*/kustomization.yaml")
+                                           if p.parent != BASE))
+def test_overlays_build_on_base_not_on_the_folder_that_holds_them(overlay):
+    """kustomize refuses an overlay whose base folder contains it (cycle detected): `..` from
+    deploy/k8s/cpu did not build; every overlay names ../base."""
+    assert yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())["resources"][0] == "../base"
 
 
 def test_one_gpu_per_pod_requested_and_limited(k8s):
@@ -151,18 +165,32 @@ def _apply(doc: dict, ops: list[dict]) -> dict:
             node[key] = op["value"]
         else:
             assert op["op"] == "add", op
-            node[key] = op["value"]
+            if isinstance(node, list):  # into an array, add inserts before the index ("-": at the end)
+                node.insert(len(node) if last == "-" else key, op["value"])
+            else:
+                node[key] = op["value"]
     return doc
 
 
-def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
-    overlay = yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())
-    assert overlay["resources"] == [".."]
+def _overlay(k8s: dict[str, dict], name: str) -> dict[str, dict]:
+    """The base documents with the overlay's patches applied, as kustomize would, plus its own resources."""
+    overlay = yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
+    assert overlay["resources"][0] == "../base"
     patched = dict(k8s)
+    for extra in overlay["resources"][1:]:
+        doc = yaml.safe_load((K8S / name / extra).read_text())
+        assert doc["kind"] not in patched, extra
+        patched[doc["kind"]] = doc
     for patch in overlay["patches"]:
-        kind, name = patch["target"]["kind"], patch["target"]["name"]
-        assert patched[kind]["metadata"]["name"] == name
+        kind, target = patch["target"]["kind"], patch["target"]["name"]
+        assert patched[kind]["metadata"]["name"] == target
         patched[kind] = _apply(patched[kind], yaml.safe_load(patch["patch"]))
+    return patched
+
+
+def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
+    assert yaml.safe_load((K8S / "cpu" / "kustomization.yaml").read_text())["resources"] == ["../base"]
+    patched = _overlay(k8s, "cpu")
     c = container(patched)
     assert c["image"].split(":")[0] == yaml.safe_load((ROOT / "bentofile.cpu.yaml").read_text())["name"]
     assert "nvidia.com/gpu" not in c["resources"]["requests"] and "nvidia.com/gpu" not in c["resources"]["limits"]
@@ -172,3 +200,83 @@ def test_cpu_overlay_serves_the_cpu_image_without_a_gpu(k8s, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert Settings().device == "cpu"
+
+
+# The serving engine's gauge of generator rows waiting for admission into its running batch, on the
+# API's /metrics (docs/OPERATIONS.md, 6), and the queue-time histogram, the alternative signal.
+WAITING = "glowing_num_requests_waiting"
+QUEUE_TIME = "glowing_request_queue_time_seconds"
+
+
+def test_queue_hpa_overlay_scales_on_waiting_rows_per_pod_and_keeps_cpu(k8s):
+    patched = _overlay(k8s, "queue-hpa")
+    hpa = patched["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == k8s["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    first, second = hpa["metrics"]
+    assert first["type"] == "Pods" and first["pods"]["metric"]["name"] == WAITING
+    assert first["pods"]["target"]["type"] == "AverageValue"
+    assert float(first["pods"]["target"]["averageValue"]) > 0
+    assert second == k8s["HorizontalPodAutoscaler"]["spec"]["metrics"][0]  # CPU: /score load stays seen
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300  # a queue empties in bursts
+    assert patched["Deployment"] == k8s["Deployment"]  # only the autoscaler and the scrape change
+
+
+def test_queue_hpa_adapter_rules_expose_the_metrics_per_pod():
+    values = yaml.safe_load((K8S / "queue-hpa" / "prometheus-adapter-values.yaml").read_text())
+    rules = {rule["name"]["as"]: rule for rule in values["rules"]["custom"]}
+    assert set(rules) == {WAITING, f"{QUEUE_TIME}_mean"}
+    for name, rule in rules.items():
+        assert rule["seriesQuery"].startswith(rule["name"]["matches"].strip("^$") + "{")
+        assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "by (<<.GroupBy>>)" in rule["metricsQuery"]
+    # a gauge written by several processes of one pod: summed per pod
+    assert rules[WAITING]["metricsQuery"] == "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"
+    mean = rules[f"{QUEUE_TIME}_mean"]["metricsQuery"]
+    assert f"rate({QUEUE_TIME}_sum{{" in mean and f"rate({QUEUE_TIME}_count{{" in mean and " / " in mean
+
+
+def test_queue_hpa_scrape_sends_the_api_key_to_metrics(k8s):
+    """/metrics answers 401 without the key when GLOWING_API_KEY is set: both scrape configurations send
+    the Deployment's Secret as a bearer token, from the pods' named http port."""
+    [ref] = [item["valueFrom"]["secretKeyRef"] for item in container(k8s)["env"] if item["name"] == "GLOWING_API_KEY"]
+    monitor = _overlay(k8s, "queue-hpa")["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= k8s["Service"]["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in k8s["Service"]["spec"]["ports"]}
+    assert endpoint["path"] == k8s["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    auth = endpoint["authorization"]
+    assert auth["type"] == "Bearer"
+    assert auth["credentials"] == {"name": ref["name"], "key": ref["key"]}  # no `optional`: the Operator ignores it
+    [job] = yaml.safe_load((K8S / "queue-hpa" / "prometheus-scrape-config.yaml").read_text())
+    assert job["metrics_path"] == "/metrics" and job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"].endswith(f"/{ref['name']}/{ref['key']}")
+    keep = {tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+    app = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+    assert keep == {("__meta_kubernetes_pod_label_app_kubernetes_io_name",): app,
+                    ("__meta_kubernetes_pod_container_port_name",): "http"}
+    assert "http" in {p["name"] for p in container(k8s)["ports"]}
+    targets = {r.get("target_label") for r in job["relabel_configs"]}
+    assert {"namespace", "pod"} <= targets  # what the adapter's rules map to Kubernetes objects
+
+
+def _kustomize() -> list[str] | None:
+    """A kustomize to build with: $KUSTOMIZE (a kustomize or kubectl binary), else either on PATH."""
+    found = os.environ.get("KUSTOMIZE") or shutil.which("kustomize") or shutil.which("kubectl")
+    if not found:
+        return None
+    return [found, "build"] if Path(found).name.startswith("kustomize") else [found, "kustomize"]
+
+
+@pytest.mark.parametrize("folder", ["", "cpu", "queue-hpa"])
+def test_kustomize_builds_what_these_tests_check(k8s, folder):
+    """The real build (kubectl's kustomize, v5.5.0 in kubectl 1.32 here) equals the documents the tests
+    above check, patches applied: the emulation in ``_apply`` is what kustomize does. Skipped where
+    neither kustomize nor kubectl exists."""
+    command = _kustomize()
+    if command is None:
+        pytest.skip("no kustomize or kubectl (set KUSTOMIZE to one)")
+    out = subprocess.run([*command, str(K8S / folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    built = {doc["kind"]: doc for doc in yaml.safe_load_all(out.stdout) if doc}
+    assert built == (_overlay(k8s, folder) if folder else k8s)

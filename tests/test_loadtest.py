@@ -1,5 +1,8 @@
 """The load test can't rot: ``python -m loadtests.run --smoke`` against the exported tiny models
-(one scenario, users 1 and 4, 5 s steps; about 45 s on 2 CPU cores), plus the report's arithmetic.
+(one scenario, users 1 and 4, 5 s steps), once with one Locust process and once in Locust's distributed
+mode (``--workers 2``); a SIGTERM in the middle of a distributed step; Locust's master against a slow
+loopback server; the report's arithmetic. About 95 s on 2 shared CPU cores, 20 s of it building the
+tiny models.
 
 Locust runs only as its own CLI process (``loadtests.run`` starts it): importing it here, next to
 ssl/httpx, would die in gevent's monkey-patching."""
@@ -7,23 +10,55 @@ ssl/httpx, would die in gevent's monkey-patching."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from loadtests import payloads, report
+from loadtests import distributed, payloads, report, run
 
 ROOT = Path(__file__).resolve().parents[1]
+MARK = "LOADTEST_TEST_MARK"  # set in a run's environment: its server and Locust processes inherit it
 
 
-def test_smoke_run_writes_the_report(exported, export_data_dir, tmp_path):
-    out = tmp_path / "loadtest"
+def _smoke(exported, export_data_dir, out: Path, *extra: str) -> tuple[dict, str]:
+    """Run ``loadtests.run --smoke`` into ``out``; its summary, and the mark its processes carry."""
+    mark = uuid.uuid4().hex
     proc = subprocess.run([sys.executable, "-m", "loadtests.run", "--smoke", "--artifacts", str(exported),
-                           "--data-dir", str(export_data_dir), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+                           "--data-dir", str(export_data_dir), "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, MARK: mark})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text()), mark
+
+
+def _marked_processes(mark: str) -> list[str]:
+    """Command lines of the live processes that carry ``mark`` in their environment."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{MARK}={mark}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(environ.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def single(exported, export_data_dir, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("loadtest")
+    return _smoke(exported, export_data_dir, out)[0], out
+
+
+def test_smoke_run_writes_the_report(single):
+    summary, out = single
     for name in ("report.md", "throughput.png", "latency.png"):
         assert (out / name).stat().st_size > 0, name
     [scenario] = summary["scenarios"]
@@ -33,6 +68,97 @@ def test_smoke_run_writes_the_report(exported, export_data_dir, tmp_path):
         assert 0 < step["p50"] <= step["p95"] <= step["p99"], step
         assert step["batches"]["classifier"]["batches"] > 0, step
     assert "| batching | 4 |" in (out / "report.md").read_text()
+    assert summary["workers"] == 0 and all(s["requests_by_worker"] == [s["requests"]] for s in scenario["steps"])
+
+
+def test_distributed_run_counts_add_up_and_the_report_keeps_its_shape(single, exported, export_data_dir, tmp_path):
+    """``--workers 2``: a Locust master and two workers against the same tiny server. At each step the
+    workers' own totals add up to the master's count, which is what the server scored (one text per
+    request), and summary.json and report.md have the single-process run's shape."""
+    out = tmp_path / "distributed"
+    summary, mark = _smoke(exported, export_data_dir, out, "--workers", "2")
+    assert not _marked_processes(mark)  # master, workers and server all gone
+    one = single[0]
+    assert summary["workers"] == 2 and set(summary) == set(one)
+    [scenario] = summary["scenarios"]
+    assert [s["users"] for s in scenario["steps"]] == [1, 4]
+    for step, reference in zip(scenario["steps"], one["scenarios"][0]["steps"]):
+        assert set(step) == set(reference) and set(step["batches"]) == set(reference["batches"])
+        assert step["requests"] > 0 and step["failures"] == 0 and step["locust_rc"] == 0, step
+        assert len(step["requests_by_worker"]) == 2 and sum(step["requests_by_worker"]) == step["requests"], step
+        assert step["batches"]["classifier"]["items"] == step["requests"], step  # the server saw every one
+        assert 0 < step["p50"] <= step["p95"] <= step["p99"], step
+    assert all(n > 0 for n in scenario["steps"][1]["requests_by_worker"])  # 4 users: 2 on each worker
+    for name in ("raw/batching_score_u4_worker0.log", "raw/batching_score_u4_worker1.log"):
+        assert (out / name).is_file(), name
+    text = (out / "report.md").read_text()
+    assert "a master and 2 worker processes" in text and "| batching | 4 |" in text
+    shape = [line.split("|")[1] for line in text.splitlines() if line.startswith("| ")]
+    assert shape == [line.split("|")[1] for line in (single[1] / "report.md").read_text().splitlines()
+                     if line.startswith("| ")]
+
+
+def test_sigterm_stops_the_master_the_workers_and_the_server(exported, export_data_dir, tmp_path):
+    out, mark = tmp_path / "stopped", uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "loadtests.run", "--artifacts", str(exported), "--data-dir",
+                             str(export_data_dir), "--out", str(out), "--scenarios", "batching", "--users", "4",
+                             "--duration", "120", "--workers", "2"], cwd=ROOT, env={**os.environ, MARK: mark},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        counts = [out / "raw" / f"batching_score_u4_worker{i}_counts.json" for i in (0, 1)]
+        deadline = time.monotonic() + 120
+        while not all(c.is_file() for c in counts):  # both workers have reported: the step is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.5)
+        assert len(_marked_processes(mark)) >= 4  # this run, its server, the master and two workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(1)
+    assert not _marked_processes(mark)
+
+
+class _SlowScorer(BaseHTTPRequestHandler):
+    """``POST /score`` answered after 1.5 s; counts what it answered."""
+    answered = 0
+    lock = threading.Lock()
+
+    def do_POST(self):  # noqa: N802  (the http.server API)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        time.sleep(1.5)
+        body = b'{"results": [{"label": "positive", "p_positive": 0.9}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        with self.lock:
+            type(self).answered += 1
+
+    def log_message(self, *args):
+        pass
+
+
+def test_distributed_master_keeps_the_requests_that_finish_after_the_run_time(tmp_path):
+    """Every user is mid-request when the run time ends (1.5 s answers): the workers report those
+    requests more than 0.5 s after the master's "quit", which Locust's master alone would drop. All of
+    them reach the master's count, the workers' totals and the server's count agree."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowScorer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        prefix = tmp_path / "slow"
+        rc = run.run_locust(f"http://127.0.0.1:{server.server_port}", "ScoreUser", 8, 4, prefix, {},
+                            tmp_path / "master.log", workers=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    step = report.read_step(prefix, "score")
+    by_worker = distributed.worker_requests(prefix, 2, "score")
+    assert rc == 0 and step["failures"] == 0, (tmp_path / "master.log").read_text()[-2000:]
+    assert by_worker[0] > 0 and by_worker[1] > 0
+    assert step["requests"] == sum(by_worker) == _SlowScorer.answered, (step, by_worker, _SlowScorer.answered)
 
 
 def test_payloads_fall_back_to_examples_without_data(tmp_path):
@@ -72,5 +198,6 @@ def test_help_names_every_flag():
     proc = subprocess.run([sys.executable, "-m", "loadtests.run", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
-    for flag in ("--artifacts", "--scenarios", "--users", "--duration", "--endpoint", "--out", "--smoke"):
+    for flag in ("--artifacts", "--scenarios", "--users", "--duration", "--endpoint", "--out", "--smoke",
+                 "--workers"):
         assert flag in proc.stdout
