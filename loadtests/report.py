@@ -12,6 +12,8 @@ from pathlib import Path
 
 HEADLINE_USERS = 32          # the ratio the target is stated at
 BATCHING_TARGET = 4.0        # /score throughput, batching / no-batching, at HEADLINE_USERS
+# the engine's /score targets (issue 20): engine / batching and engine / no-batching at 16 and 32 users
+ENGINE_TARGETS = {"batching": 1.6, "no-batching": 1.3}
 SATURATION_GAIN = 0.10       # throughput growing less than this from one step to the next = saturated
 
 
@@ -107,6 +109,18 @@ def ratios(summary: dict) -> dict:
         value = round(on["rps"] / off["rps"], 2) if on and off and off["rps"] > 0 else None
         out["batching_vs_no_batching"] = {"users": users, "ratio": value, "target": BATCHING_TARGET,
                                           "met": value is not None and value >= BATCHING_TARGET}
+    if "engine" in names:
+        for other, target in ENGINE_TARGETS.items():
+            if other not in names:
+                continue
+            rows = {}
+            for users in (16, 32):
+                new, old = _at(names["engine"]["steps"], users), _at(names[other]["steps"], users)
+                if new and old and old["rps"] > 0:
+                    rows[str(users)] = {"ratio": round(new["rps"] / old["rps"], 2), "target": target,
+                                        "met": new["rps"] / old["rps"] >= target,
+                                        "p99": [new["p99"], old["p99"]], "p99_not_worse": new["p99"] <= old["p99"]}
+            out[f"engine_vs_{other}"] = rows
     return out
 
 
@@ -147,6 +161,14 @@ def markdown(summary: dict) -> str:
                       f"throughput ratio cannot exceed the CPU ratio, {cpu_off / cpu_on:.2f}x: batching saves only "
                       "the per-call overhead, and the per-text model compute, which grows with the (padded) "
                       "sequence length, stays.", ""]
+    for other in ENGINE_TARGETS:
+        for users, row in (r.get(f"engine_vs_{other}") or {}).items():
+            verdict = "met" if row["met"] else "**missed**"
+            lines.append(f"- engine / {other} at {users} users: **{row['ratio']}x** req/s (target {row['target']}x: "
+                         f"{verdict}); p99 {row['p99'][0]} vs {row['p99'][1]} ms"
+                         + ("" if row["p99_not_worse"] else " (**worse**)"))
+    if any(r.get(f"engine_vs_{o}") for o in ENGINE_TARGETS):
+        lines.append("")
     lines += ["## Scenarios", "", "| scenario | settings | ready after | peak req/s | saturates at | why | "
               "failures below saturation |", "|---|---|---|---|---|---|---|"]
     for sc in summary["scenarios"]:

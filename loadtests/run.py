@@ -1,9 +1,9 @@
 """Load-test the served API: each scenario's server, a ladder of users, one report.
 
     .venv/bin/python -m loadtests.run --artifacts artifacts --out reports/loadtest     # `make loadtest`
-    .venv/bin/python -m loadtests.run --scenarios batching,no-batching --users 1,8,32 --duration 10
+    .venv/bin/python -m loadtests.run --scenarios engine,batching,no-batching --users 1,8,32 --duration 10
     .venv/bin/python -m loadtests.run --smoke --artifacts /tmp/tiny-artifacts --out /tmp/lt
-    .venv/bin/python -m loadtests.run --workers 2 --scenarios batching --users 16,64   # a Locust master + 2 workers
+    .venv/bin/python -m loadtests.run --workers 2 --scenarios engine --users 16,64   # a Locust master + 2 workers
 
 For each scenario (a set of ``GLOWING_*`` settings) it starts ``bentoml serve`` on a free loopback
 port, waits for ``/readyz``, runs headless Locust (its own CLI process) once per user count for
@@ -41,19 +41,24 @@ from loadtests.server import ROOT, Server, descendants
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 MAX_CONCURRENCY = "256"
 
-# name -> (GLOWING_* settings, what it shows). The baseline is onnx, fp32, adaptive batching on.
+# name -> (GLOWING_* settings, what it shows). The baseline is the first: the defaults (onnx, fp32, the
+# serving engine: zero-wait, length-aware scoring and iteration-level generation).
 SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
-    "batching": ({}, "ONNX Runtime, fp32 classifier, adaptive batching (defaults)"),
+    "engine": ({}, "ONNX Runtime, fp32, GLOWING_BATCHING=engine (defaults): zero-wait scoring queue with "
+               "length-aware model calls, iteration-level generation"),
+    "batching": ({"GLOWING_BATCHING": "adaptive"}, "as engine, with BentoML's adaptive batching instead (the "
+                 "serving path before the engine)"),
     # BentoML refuses max_batch_size 1 ("'max_batch_size' must be > 1") and has no switch that turns a
     # batchable method's dispatcher off: 2 is the least batching it serves.
-    "no-batching": ({"GLOWING_SCORER_MAX_BATCH_SIZE": "1", "GLOWING_GENERATOR_MAX_BATCH_SIZE": "1"},
+    "no-batching": ({"GLOWING_BATCHING": "adaptive", "GLOWING_SCORER_MAX_BATCH_SIZE": "1",
+                     "GLOWING_GENERATOR_MAX_BATCH_SIZE": "1"},
                     "as batching, with max_batch_size 1: adaptive batching off, one model call per request"),
-    "torch": ({"GLOWING_BACKEND": "torch"}, "PyTorch backend, fp32, adaptive batching"),
+    "torch": ({"GLOWING_BACKEND": "torch"}, "PyTorch backend, fp32, engine"),
     "int8": ({"GLOWING_CLASSIFIER_PRECISION": "int8"}, "ONNX Runtime, dynamic-int8 classifier "
-             "(scores one text per model call by design)"),
+             "(scores one text per model call by design), engine"),
 }
 ENDPOINTS = {"score": "ScoreUser", "generate": "GenerateUser", "reviews": "ReviewsUser"}
-SMOKE = {"scenarios": "batching", "users": "1,4", "duration": 5}
+SMOKE = {"scenarios": "engine", "users": "1,4", "duration": 5}
 
 
 def cpu_seconds(server: Server) -> dict[str, float]:
@@ -124,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "when one process (one core) cannot generate the load")
     ap.add_argument("--out", type=Path, default=Path("reports/loadtest"),
                     help="output folder: summary.json, report.md, *.png, raw/ (default: reports/loadtest)")
-    ap.add_argument("--smoke", action="store_true", help="a quick check, under a minute: scenario batching, "
+    ap.add_argument("--smoke", action="store_true", help="a quick check, under a minute: scenario engine, "
                     f"users {SMOKE['users']}, {SMOKE['duration']} s steps (overrides those three flags)")
     args = ap.parse_args(argv)
     if args.smoke:

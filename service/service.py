@@ -84,9 +84,10 @@ class Generator:
         self.bridge = None  # the engine's asyncio side, made on the first request (it needs the event loop)
 
     @bentoml.api
-    async def stream(self, item: schemas.GenerationItem) -> AsyncGenerator[str, None]:
+    async def stream(self, item: schemas.GenerationItem, deltas: bool = True) -> AsyncGenerator[str, None]:
         """GLOWING_BATCHING=engine: the item's rows through the engine, streamed as text-delta lines
-        (service/streaming.py). Row ``i`` is sampled with ``derive_seed(item.seed, i)``."""
+        (service/streaming.py); ``deltas`` false: each row's text once, when it ends. Row ``i`` is
+        sampled with ``derive_seed(item.seed, i)``."""
         from glowing.runtime.engine import AsyncEngine, GenerationError, QueueFull
 
         if self.engine is None:
@@ -94,7 +95,7 @@ class Generator:
         if self.bridge is None or self.bridge.loop is not asyncio.get_running_loop():  # one per event loop
             self.bridge = AsyncEngine(self.engine)
         rows = [row.settings for row in batching.expand([item])]
-        lines = streaming.engine_lines(self.bridge, self.model.codec.tokenizer, item.prompt, rows)
+        lines = streaming.engine_lines(self.bridge, self.model.codec.tokenizer, item.prompt, rows, deltas)
         async with aclosing(lines):
             try:
                 async for line in lines:
@@ -195,15 +196,16 @@ class Glowing:
         [continuations] = await _retrying(self.generator.to_async.generate, [item])
         return [request["prompt"] + c for c in continuations]
 
-    def _row_events(self, item: schemas.GenerationItem) -> AsyncIterator[list]:
-        return streaming.read_lines(self.generator.to_async.stream(item=item))
+    def _row_events(self, item: schemas.GenerationItem, deltas: bool = False) -> AsyncIterator[list]:
+        return streaming.read_lines(self.generator.to_async.stream(item=item, deltas=deltas))
 
-    async def _events(self, request: dict, seed: int) -> AsyncIterator[dict]:
-        """The request's rows as streaming events (service/streaming.py ``scored_rows``). Without the
-        engine, the rows come all at once when the batch is done: one delta each, then the scores."""
+    async def _events(self, request: dict, seed: int, deltas: bool) -> AsyncIterator[dict]:
+        """The request's rows as streaming events (service/streaming.py ``scored_rows``); ``deltas``:
+        token by token, else one delta per row when it ends. Without the engine, the rows come all
+        at once when the batch is done: one delta each, then the scores."""
         n = request["n"]
         if self._engine:
-            events = streaming.scored_rows(self._row_events(_item(request, n, seed)), request["prompt"], n,
+            events = streaming.scored_rows(self._row_events(_item(request, n, seed), deltas), request["prompt"], n,
                                            self._scores)
             async with aclosing(events):
                 async for event in events:
@@ -222,7 +224,7 @@ class Glowing:
     async def _generate(self, request: dict) -> schemas.GenerateResponse:
         seed = _seed(request)
         reviews: list[schemas.Review | None] = [None] * request["n"]
-        async with aclosing(self._events(request, seed)) as events:
+        async with aclosing(self._events(request, seed, deltas=False)) as events:
             async for event in events:
                 if "text" in event:
                     reviews[event["index"]] = _review(event["text"], event["p_positive"])
@@ -236,7 +238,7 @@ class Glowing:
         seed = _seed(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeout
-        events = self._events(request, seed)
+        events = self._events(request, seed, deltas=True)
 
         async def next_event() -> dict | None:
             try:  # in this task (not wait_for's): a cancellation reaches the generator's own frame

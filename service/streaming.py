@@ -35,15 +35,20 @@ def sse(event: dict[str, Any]) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str,
-                       rows: list[SamplingSettings]) -> AsyncIterator[str]:
-    """The generator service's side: the engine's updates as text-delta lines."""
+async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[SamplingSettings],
+                       deltas: bool = True) -> AsyncIterator[str]:
+    """The generator service's side: the engine's updates as text-delta lines. Without ``deltas``
+    (nobody reads tokens as they come) a row's whole text is its one event, when it ends."""
     detok = [IncrementalDetokenizer(tokenizer) for _ in rows]
     async with aclosing(engine.generate(prompt, rows)) as steps:
         async for updates in steps:
             events = []
             for u in updates:
-                delta = detok[u.index].add(u.token) if u.token is not None else ""
+                if not deltas and u.token is not None:
+                    detok[u.index].ids.append(u.token)
+                    delta = ""
+                else:
+                    delta = detok[u.index].add(u.token) if u.token is not None else ""
                 if u.finish is not None and u.finish != ERROR:
                     delta += detok[u.index].finish()
                 if delta or u.finish is not None:

@@ -62,12 +62,12 @@ def test_smoke_run_writes_the_report(single):
     for name in ("report.md", "throughput.png", "latency.png"):
         assert (out / name).stat().st_size > 0, name
     [scenario] = summary["scenarios"]
-    assert scenario["name"] == "batching" and [s["users"] for s in scenario["steps"]] == [1, 4]
+    assert scenario["name"] == "engine" and [s["users"] for s in scenario["steps"]] == [1, 4]
     for step in scenario["steps"]:
         assert step["requests"] > 0 and step["failures"] == 0 and step["rps"] > 0, step
         assert 0 < step["p50"] <= step["p95"] <= step["p99"], step
         assert step["batches"]["classifier"]["batches"] > 0, step
-    assert "| batching | 4 |" in (out / "report.md").read_text()
+    assert "| engine | 4 |" in (out / "report.md").read_text()
     assert summary["workers"] == 0 and all(s["requests_by_worker"] == [s["requests"]] for s in scenario["steps"])
 
 
@@ -89,10 +89,10 @@ def test_distributed_run_counts_add_up_and_the_report_keeps_its_shape(single, ex
         assert step["batches"]["classifier"]["items"] == step["requests"], step  # the server saw every one
         assert 0 < step["p50"] <= step["p95"] <= step["p99"], step
     assert all(n > 0 for n in scenario["steps"][1]["requests_by_worker"])  # 4 users: 2 on each worker
-    for name in ("raw/batching_score_u4_worker0.log", "raw/batching_score_u4_worker1.log"):
+    for name in ("raw/engine_score_u4_worker0.log", "raw/engine_score_u4_worker1.log"):
         assert (out / name).is_file(), name
     text = (out / "report.md").read_text()
-    assert "a master and 2 worker processes" in text and "| batching | 4 |" in text
+    assert "a master and 2 worker processes" in text and "| engine | 4 |" in text
     shape = [line.split("|")[1] for line in text.splitlines() if line.startswith("| ")]
     assert shape == [line.split("|")[1] for line in (single[1] / "report.md").read_text().splitlines()
                      if line.startswith("| ")]
@@ -101,11 +101,11 @@ def test_distributed_run_counts_add_up_and_the_report_keeps_its_shape(single, ex
 def test_sigterm_stops_the_master_the_workers_and_the_server(exported, export_data_dir, tmp_path):
     out, mark = tmp_path / "stopped", uuid.uuid4().hex
     proc = subprocess.Popen([sys.executable, "-m", "loadtests.run", "--artifacts", str(exported), "--data-dir",
-                             str(export_data_dir), "--out", str(out), "--scenarios", "batching", "--users", "4",
+                             str(export_data_dir), "--out", str(out), "--scenarios", "engine", "--users", "4",
                              "--duration", "120", "--workers", "2"], cwd=ROOT, env={**os.environ, MARK: mark},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        counts = [out / "raw" / f"batching_score_u4_worker{i}_counts.json" for i in (0, 1)]
+        counts = [out / "raw" / f"engine_score_u4_worker{i}_counts.json" for i in (0, 1)]
         deadline = time.monotonic() + 120
         while not all(c.is_file() for c in counts):  # both workers have reported: the step is under way
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
