@@ -93,8 +93,8 @@ def precision(kind: str, settings: Settings) -> str:
     if chosen != "auto":
         return chosen
     # Not int8 on CPU: dynamic quantization scales a batch as a whole, so int8 must score one text
-    # per call to keep a text's score independent of its batch; that is no faster than batched
-    # fp32 on this small classifier (make bench, README "ONNX export"), and fp32 is exact.
+    # per call to keep a text's score independent of its batch, and fp32 is exact (how they compare:
+    # `make bench` and `make loadtest`).
     return "fp16" if _on_cuda(settings) else "fp32"
 
 
@@ -109,7 +109,8 @@ def load(kind: str, settings: Settings):
         if kind == A.CLASSIFIER:
             # int8 keeps the runtime's one text per call: batched, its scores would move with the batch
             rows = None if chosen == "int8" else settings.scorer_max_batch_size
-            model = load_scorer(model_dir(kind, settings), batch_size=rows, **common)
+            model = load_scorer(model_dir(kind, settings), batch_size=rows,
+                                max_batch_tokens=settings.scorer_max_batch_tokens, **common)
             model.score(["A warm-up review: the first call allocates what every later call reuses."])
         else:
             model = load_generator(model_dir(kind, settings), **common)

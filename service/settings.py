@@ -28,8 +28,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
     classifier_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only) scores one text per "
-        "model call, so that a score never depends on its batch; under load on 2 cores it served 1.45x the "
-        "throughput of batched fp32 (README, Load tests)")
+        "model call, so that a score never depends on its batch (its throughput: README, Load tests)")
     generator_precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto = fp32 on CPU, fp16 on CUDA")
     threads: int | None = Field(None, ge=1, description="intra-op threads per model (unset = all cores)")
 
@@ -47,8 +46,12 @@ class Settings(BaseSettings):
                                     "request that would exceed it is answered 503 with Retry-After")
 
     # ---- adaptive batching (BentoML decorator values: read when service.py is imported) -------
-    scorer_max_batch_size: int = Field(32, ge=1, le=1024, description="texts per classifier call; 1 turns "
-                                       "adaptive batching off")
+    scorer_max_batch_size: int = Field(32, ge=1, le=1024, description="texts the classifier takes at once: "
+                                       "engine, a take of the zero-wait queue (split into model calls by "
+                                       "length); adaptive, BentoML's max_batch_size (1 turns it off)")
+    scorer_max_batch_tokens: int = Field(8192, ge=1, description="padded positions (rows x longest text) per "
+                                         "classifier call: a take is sorted by length and split into calls "
+                                         "within this budget (both modes)")
     scorer_max_latency_ms: int = Field(5_000, ge=10, description="queue + compute budget of a scoring batch; "
                                        "requests that cannot meet it are shed with 503")
     generator_max_batch_size: int = Field(16, ge=1, le=256, description="generation requests merged per batch; "
