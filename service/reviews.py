@@ -1,4 +1,8 @@
-"""``/reviews``: generate candidates in rounds, score them, keep the positive ones (no BentoML here).
+"""``/reviews``: generate candidates, score them, keep the positive ones (no BentoML here).
+
+Two ways, chosen by ``GLOWING_REVIEWS``: ``pipeline`` (the default, ``Pipeline`` below: candidates
+stream through the engine and each is scored as soon as it ends) and ``rounds`` (the previous way,
+``collect_reviews``, kept for comparison):
 
 Each round generates a number of candidates sized from the acceptance rate seen so far (a prior
 of 1 in 2 before the first round), at least the number still missing and at most
@@ -11,10 +15,12 @@ temperature 0 every candidate is the same text, and the answer holds one review.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from service.batching import derive_seed
 
@@ -31,7 +37,10 @@ class Outcome:
     complete: bool = False
     candidates: int = 0
     accepted: int = 0
-    rounds: int = 0
+    rounds: int = 0  # rounds, or the pipeline's waves
+    cancelled: int = 0  # candidates cancelled before they ended (pipeline)
+    tokens: int = 0  # tokens generated for all candidates
+    wasted_tokens: int = 0  # of which for candidates that were rejected or cancelled
     elapsed_s: float = 0.0
 
     @property
@@ -65,3 +74,144 @@ async def collect_reviews(generate: GenerateRound, score: Score, *, n: int, min_
     out.reviews = sorted(accepted.items(), key=lambda kv: -kv[1])[:n]
     out.elapsed_s = time.perf_counter() - started
     return out
+
+
+# ---- the pipeline (GLOWING_REVIEWS=pipeline) --------------------------------------------------
+
+# (first candidate, count) -> (candidate index, its text once it ended else None, tokens generated so far)
+Rows = Callable[[int, int], AsyncIterator[tuple[int, "str | None", int]]]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    place: int  # its position in the answer
+    candidate: int  # its candidate index
+    text: str
+    p_positive: float
+
+
+@dataclass
+class Pipeline:
+    """One ``/reviews`` request as a generate-then-score pipeline; ``run()`` yields each ``Accepted``
+    review once its place is settled, then the ``Outcome``.
+
+    Candidate ``i`` is a row of its own seed (the caller's ``rows`` derives it from the request's seed
+    and ``i``), so its text and score do not depend on when it ran or with whom. The answer is the first
+    ``n`` passing candidates in candidate order, which makes it a function of the seed alone: candidate
+    ``i`` is settled once every candidate before it is scored. Candidates are launched in waves (one
+    ``rows`` call each), enough in flight to expect the missing reviews at the acceptance rate seen so
+    far (``round_size``), at most ``cap`` in flight and ``max_candidates`` in all. Once ``n`` passing
+    candidates are known, those after the n-th cannot enter the answer: their waves are cancelled."""
+
+    rows: Rows
+    score: Score
+    n: int
+    min_positive: float
+    max_candidates: int
+    cap: int
+    out: Outcome = field(default_factory=Outcome)
+
+    async def run(self) -> AsyncIterator[Accepted | Outcome]:
+        started = time.perf_counter()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._waves: list[tuple[int, int, asyncio.Task]] = []  # (first, count, task)
+        self._scoring: set[asyncio.Task] = set()
+        self._launched = 0
+        self._tokens: dict[int, int] = {}
+        self._decided: dict[int, tuple[str, float] | None] = {}  # None: blank, never scored
+        self._cut = self.max_candidates  # candidates from here on cannot enter the answer
+        accepted: list[Accepted] = []
+        seen: set[str] = set()
+        settled = 0
+        try:
+            self._plan()
+            while len(accepted) < self.n and settled < self._cut:
+                event = await self._events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                index, decision = event
+                self._decided[index] = decision
+                while settled in self._decided and len(accepted) < self.n:  # candidate order
+                    decision = self._decided[settled]
+                    if decision is not None and decision[1] >= self.min_positive and decision[0] not in seen:
+                        seen.add(decision[0])
+                        accepted.append(Accepted(len(accepted), settled, *decision))
+                        yield accepted[-1]
+                    settled += 1
+                self._update_cut()
+                self._plan()
+        finally:
+            for _, _, task in self._waves:
+                task.cancel()
+            for task in self._scoring:
+                task.cancel()
+            await asyncio.gather(*(t for _, _, t in self._waves), *self._scoring, return_exceptions=True)
+        kept = {a.candidate for a in accepted}
+        out = self.out
+        out.reviews = [(a.text, a.p_positive) for a in accepted]
+        out.accepted, out.complete = len(accepted), len(accepted) >= self.n
+        out.candidates, out.rounds = self._launched, len(self._waves)
+        out.cancelled = self._launched - len(self._decided)
+        out.tokens = sum(self._tokens.values())
+        out.wasted_tokens = sum(t for i, t in self._tokens.items() if i not in kept)
+        out.elapsed_s = time.perf_counter() - started
+        yield out
+
+    def _plan(self) -> None:
+        """Launch a wave when fewer candidates are in flight than the missing reviews need."""
+        scored = [d for d in self._decided.values()]
+        passed = len({d[0] for d in scored if d is not None and d[1] >= self.min_positive})
+        in_flight = self._launched - len(self._decided)
+        if passed >= self.n or self._launched >= self._cut:
+            return
+        wanted = round_size(self.n - passed, len(scored), passed, self._cut - self._launched, self.cap) - in_flight
+        count = min(wanted, self.cap - in_flight, self._cut - self._launched)
+        if count > 0 or (in_flight == 0 and self._launched < self._cut):
+            count = max(count, 1)
+            first, self._launched = self._launched, self._launched + count
+            self._waves.append((first, count, asyncio.ensure_future(self._wave(first, count))))
+
+    def _update_cut(self) -> None:
+        """The n-th distinct passing text among the scored candidates bounds the answer: a candidate
+        before it that passes later can only take an earlier place (the same text scores the same)."""
+        seen: set[str] = set()
+        for index in sorted(self._decided):
+            d = self._decided[index]
+            if d is not None and d[1] >= self.min_positive and d[0] not in seen:
+                seen.add(d[0])
+                if len(seen) == self.n:
+                    self._cut = min(self._cut, index + 1)
+                    break
+        for first, count, task in self._waves:  # waves with nothing left before the cut
+            if not task.done() and all(i in self._decided or i >= self._cut for i in range(first, first + count)):
+                task.cancel()
+
+    async def _wave(self, first: int, count: int) -> None:
+        ended = 0
+        try:
+            async with aclosing(self.rows(first, count)) as rows:
+                async for index, text, tokens in rows:
+                    self._tokens[index] = tokens
+                    if text is not None:
+                        ended += 1
+                        task = asyncio.ensure_future(self._score_one(index, text))
+                        self._scoring.add(task)
+                        task.add_done_callback(self._scoring.discard)
+            if ended < count:
+                raise RuntimeError(f"the generator's stream ended after {ended} of {count} candidates")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            self._events.put_nowait(err)
+
+    async def _score_one(self, index: int, text: str) -> None:
+        try:
+            if not text.strip():
+                self._events.put_nowait((index, None))
+                return
+            [p] = await self.score([text])
+            self._events.put_nowait((index, (text, p)))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            self._events.put_nowait(err)

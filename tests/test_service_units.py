@@ -310,3 +310,75 @@ def test_batch_size_one_turns_adaptive_batching_off():
 
     assert decorator(1, 500) == {}  # BentoML refuses batchable APIs with max_batch_size < 2
     assert decorator(8, 500) == {"batchable": True, "max_batch_size": 8, "max_latency_ms": 500}
+
+
+# ---- /reviews pipeline -------------------------------------------------------------------------
+
+def _pipeline(p_of, *, n, max_candidates, cap=4, delay_seed=0, text_of=lambda i: f"c{i}", tokens=5):
+    """A fake engine whose candidate i ends after a random delay (so completion order differs from
+    candidate order) with text_of(i) and ``tokens`` tokens; a scorer that maps text -> p."""
+    import random
+
+    from service.reviews import Pipeline
+
+    rng = random.Random(delay_seed)
+    log = {"waves": [], "closed": [], "scored": []}
+
+    async def rows(first, count):
+        log["waves"].append((first, count))
+        delays = sorted((rng.random() * 0.02, i) for i in range(first, first + count))
+        try:
+            waited = 0.0
+            for delay, i in delays:
+                await asyncio.sleep(delay - waited)
+                waited = delay
+                yield i, text_of(i), tokens
+        finally:
+            log["closed"].append(first)
+
+    async def score(texts):
+        await asyncio.sleep(rng.random() * 0.005)
+        log["scored"] += texts
+        return [p_of(t) for t in texts]
+
+    async def run():
+        events = [e async for e in Pipeline(rows, score, n=n, min_positive=0.9, max_candidates=max_candidates,
+                                            cap=cap).run()]
+        return events[:-1], events[-1]
+
+    return asyncio.run(run()), log
+
+
+def test_the_pipeline_answers_the_first_passing_candidates_in_candidate_order_whatever_the_timing():
+    passing = {3, 5, 6, 11, 12}
+    answers = set()
+    for delay_seed in range(6):
+        (accepted, out), log = _pipeline(lambda t: 0.95 if int(t[1:]) in passing else 0.2, n=3,
+                                         max_candidates=40, delay_seed=delay_seed)
+        assert [a.candidate for a in accepted] == [3, 5, 6] and [a.place for a in accepted] == [0, 1, 2]
+        assert out.complete and out.reviews == [(f"c{i}", 0.95) for i in (3, 5, 6)]
+        assert out.tokens >= 15 and out.tokens % 5 == 0
+        assert out.wasted_tokens == out.tokens - 15
+        assert all(first in log["closed"] for first, _ in log["waves"])  # every wave ended or was cancelled
+        answers.add(tuple(out.reviews))
+    assert len(answers) == 1
+
+
+def test_the_pipeline_sizes_waves_from_the_acceptance_rate_within_cap_and_budget():
+    (accepted, out), log = _pipeline(lambda t: 0.2, n=3, max_candidates=10, cap=4)
+    assert accepted == [] and not out.complete and out.candidates == 10 and out.accepted == 0
+    assert log["waves"][0] == (0, 4)  # the prior (1 in 2) wants 6, the cap allows 4
+    assert sum(c for _, c in log["waves"]) == 10 and out.rounds == len(log["waves"])
+    assert out.wasted_tokens == out.tokens == 50
+
+
+def test_the_pipeline_never_accepts_a_text_twice_and_skips_blanks():
+    (accepted, out), _ = _pipeline(lambda t: 0.99, n=2, max_candidates=6,
+                                   text_of=lambda i: " " if i == 0 else "same text")
+    assert [(a.candidate, a.text) for a in accepted] == [(1, "same text")] and not out.complete
+
+
+def test_the_pipeline_cancels_candidates_after_the_answer():
+    (accepted, out), log = _pipeline(lambda t: 0.95, n=1, max_candidates=40, cap=8)
+    assert [a.candidate for a in accepted] == [0] and out.complete
+    assert out.candidates <= 8 and out.cancelled + len(set(log["scored"])) >= out.candidates - 1
