@@ -38,7 +38,7 @@ class Row:
 def expand(items: Sequence[GenerationItem]) -> list[Row]:
     return [Row(k, i, item.prompt, SamplingSettings(max_new_tokens=item.max_new_tokens, temperature=item.temperature,
                                                     top_p=item.top_p, top_k=item.top_k,
-                                                    seed=derive_seed(item.seed, i)))
+                                                    seed=derive_seed(item.seed, item.first_row + i)))
             for k, item in enumerate(items) for i in range(item.n)]
 
 

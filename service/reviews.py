@@ -79,6 +79,7 @@ async def collect_reviews(generate: GenerateRound, score: Score, *, n: int, min_
 # ---- the pipeline (GLOWING_REVIEWS=pipeline) --------------------------------------------------
 
 # (first candidate, count) -> (candidate index, its text once it ended else None, tokens generated so far)
+_DETACHED: set[asyncio.Task] = set()  # scoring calls that outlive their request (kept from the GC)
 Rows = Callable[[int, int], AsyncIterator[tuple[int, "str | None", int]]]
 
 
@@ -143,9 +144,10 @@ class Pipeline:
         finally:
             for _, _, task in self._waves:
                 task.cancel()
-            for task in self._scoring:
-                task.cancel()
-            await asyncio.gather(*(t for _, _, t in self._waves), *self._scoring, return_exceptions=True)
+            # Scoring calls still in flight are left to end: they are short, and a call cancelled while
+            # its body is on the way makes the scorer log a traceback (ClientDisconnect).
+            _DETACHED.update(self._scoring)
+            await asyncio.gather(*(t for _, _, t in self._waves), return_exceptions=True)
         kept = {a.candidate for a in accepted}
         out = self.out
         out.reviews = [(a.text, a.p_positive) for a in accepted]
@@ -197,6 +199,7 @@ class Pipeline:
                         task = asyncio.ensure_future(self._score_one(index, text))
                         self._scoring.add(task)
                         task.add_done_callback(self._scoring.discard)
+                        task.add_done_callback(_DETACHED.discard)
             if ended < count:
                 raise RuntimeError(f"the generator's stream ended after {ended} of {count} candidates")
         except asyncio.CancelledError:

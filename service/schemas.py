@@ -55,8 +55,12 @@ class GenerateResponse(BaseModel):
 class ReviewsStats(BaseModel):
     candidates: int = Field(description="candidates generated (and scored)")
     accepted: int = Field(description="distinct candidates with p_positive >= min_positive")
-    rounds: int = Field(description="generate-then-score rounds")
+    rounds: int = Field(description="generate-then-score rounds (GLOWING_REVIEWS=pipeline: waves of candidates "
+                        "sent to the generator)")
     acceptance_rate: float = Field(description="accepted / candidates (0 when no candidate was generated)")
+    cancelled: int = Field(0, description="candidates cancelled before they ended, once the answer was known")
+    wasted_tokens: int = Field(0, description="tokens generated for candidates that were rejected or cancelled "
+                               "(for cancelled ones, up to 7 tokens each may go uncounted)")
     elapsed_ms: float = Field(description="wall time spent on the request")
 
 
@@ -66,7 +70,8 @@ class ReviewsResponse(BaseModel):
                       "label": "positive"}],
          "complete": True, "seed": 7,
          "stats": {"candidates": 8, "accepted": 3, "rounds": 1, "acceptance_rate": 0.375, "elapsed_ms": 412.0}}})
-    reviews: list[Review] = Field(description="up to n reviews with p_positive >= min_positive, best first")
+    reviews: list[Review] = Field(description="up to n reviews with p_positive >= min_positive: the first "
+                                  "passing candidates in candidate order (GLOWING_REVIEWS=rounds: best first)")
     complete: bool = Field(description="false when the candidate budget ran out before n reviews were accepted")
     seed: int = Field(description="the seed used: send it back to get the same answer")
     stats: ReviewsStats
@@ -83,8 +88,8 @@ class InfoResponse(BaseModel):
 # ---- the generator's work item (service to service, not HTTP-facing) --------------------------
 
 class GenerationItem(BaseModel):
-    """``n`` continuations of one prompt; row ``i`` is sampled with ``derive_seed(seed, i)``
-    (service/batching.py)."""
+    """``n`` continuations of one prompt; row ``i`` is sampled with ``derive_seed(seed, first_row + i)``
+    (service/batching.py): /reviews sends its candidates in waves of consecutive rows."""
 
     prompt: str
     n: int = Field(ge=1)
@@ -93,6 +98,7 @@ class GenerationItem(BaseModel):
     top_p: float = Field(gt=0, le=1)
     top_k: int = Field(ge=0)
     seed: int = Field(ge=0)
+    first_row: int = Field(0, ge=0)
 
 
 # ---- requests ----------------------------------------------------------------------------------
@@ -160,6 +166,9 @@ def request_models(settings: Settings) -> RequestModels:
         min_positive: float = Field(0.9, ge=0, le=1, description="accept a review when p_positive >= this")
         max_candidates: int = Field(min(32, s.max_candidates), ge=1, le=s.max_candidates,
                                     description="candidate budget: generate at most this many; must be >= n")
+        stream: bool = Field(False, description="answer Server-Sent Events (text/event-stream): each accepted "
+                             'review as {"index", "candidate", "text", "p_positive", "label"} once its place in '
+                             'the answer is settled, then {"complete", "seed", "stats"}, then [DONE]')
 
         @field_validator("max_candidates")
         @classmethod

@@ -23,7 +23,7 @@ from glowing import artifacts as A
 from service import auth, batching, metrics, models, patches, schemas, store, streaming
 from service.disconnect import CancelOnDisconnect
 from service.errors import Guard, from_exception
-from service.reviews import collect_reviews
+from service.reviews import Accepted, Pipeline, collect_reviews
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("bentoml.glowing")
@@ -38,6 +38,7 @@ GPU = {"gpu": 0.5} if SETTINGS.device == "cuda" else None
 # be retried, and some never got their answer (a 504 after the whole timeout; 11 of 30,848 in a soak).
 # The model services are local workers: one long-lived session is what is wanted.
 CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
+PROGRESS = 8  # /reviews candidates report their token count this often (for the tokens of cancelled ones)
 
 
 @bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
@@ -84,10 +85,11 @@ class Generator:
         self.bridge = None  # the engine's asyncio side, made on the first request (it needs the event loop)
 
     @bentoml.api
-    async def stream(self, item: schemas.GenerationItem, deltas: bool = True) -> AsyncGenerator[str, None]:
+    async def stream(self, item: schemas.GenerationItem, deltas: bool = True,
+                     progress: int = 0) -> AsyncGenerator[str, None]:
         """GLOWING_BATCHING=engine: the item's rows through the engine, streamed as text-delta lines
-        (service/streaming.py); ``deltas`` false: each row's text once, when it ends. Row ``i`` is
-        sampled with ``derive_seed(item.seed, i)``."""
+        (service/streaming.py); ``deltas`` false: each row's text once, when it ends (and its token
+        count every ``progress`` tokens). Row ``i`` is sampled with ``derive_seed(item.seed, item.first_row + i)``."""
         from glowing.runtime.engine import AsyncEngine, GenerationError, QueueFull
 
         if self.engine is None:
@@ -95,7 +97,8 @@ class Generator:
         if self.bridge is None or self.bridge.loop is not asyncio.get_running_loop():  # one per event loop
             self.bridge = AsyncEngine(self.engine)
         rows = [row.settings for row in batching.expand([item])]
-        lines = streaming.engine_lines(self.bridge, self.model.codec.tokenizer, item.prompt, rows, deltas)
+        lines = streaming.engine_lines(self.bridge, self.model.codec.tokenizer, item.prompt, rows, deltas,
+                                       progress)
         async with aclosing(lines):
             try:
                 async for line in lines:
@@ -153,8 +156,12 @@ class Glowing:
 
     @bentoml.api(route="/reviews", input_spec=REQUESTS.reviews)
     async def reviews(self, **request) -> schemas.ReviewsResponse:
-        """Up to ``n`` reviews with p_positive >= min_positive, best first, generated in rounds
-        within a budget of ``max_candidates``; ``complete`` is false when the budget ran out first."""
+        """Up to ``n`` reviews with p_positive >= min_positive: the first passing candidates in candidate
+        order, within a budget of ``max_candidates``; ``complete`` is false when the budget ran out first.
+        ``"stream": true`` answers Server-Sent Events: each accepted review once its place is settled, then
+        ``{"complete", "seed", "stats"}``, then ``[DONE]``."""
+        if request.get("stream"):
+            return await self._sse(self._review_events(request, _seed(request)))
         return await self._answer(self._reviews(request))
 
     @bentoml.api(route="/info", input_spec=REQUESTS.info)
@@ -190,14 +197,14 @@ class Glowing:
                 async for step in steps:
                     if isinstance(step, dict):
                         raise streaming.GeneratorFailed(step.get("error", "the generator failed"))
-                    for index, delta, _ in step:
+                    for index, delta, *_ in step:
                         texts[index] += delta
             return [request["prompt"] + t for t in texts]
         [continuations] = await _retrying(self.generator.to_async.generate, [item])
         return [request["prompt"] + c for c in continuations]
 
-    def _row_events(self, item: schemas.GenerationItem, deltas: bool = False) -> AsyncIterator[list]:
-        return streaming.read_lines(self.generator.to_async.stream(item=item, deltas=deltas))
+    def _row_events(self, item: schemas.GenerationItem, deltas: bool = False, progress: int = 0) -> AsyncIterator[list]:
+        return streaming.read_lines(self.generator.to_async.stream(item=item, deltas=deltas, progress=progress))
 
     async def _events(self, request: dict, seed: int, deltas: bool) -> AsyncIterator[dict]:
         """The request's rows as streaming events (service/streaming.py ``scored_rows``); ``deltas``:
@@ -231,14 +238,23 @@ class Glowing:
         return schemas.GenerateResponse(seed=seed, reviews=reviews)
 
     async def _stream(self, request: dict):
+        seed = _seed(request)
+
+        async def events() -> AsyncIterator[dict]:
+            async with aclosing(self._events(request, seed, deltas=True)) as rows:
+                async for event in rows:
+                    yield {**event, "label": schemas.label(event["p_positive"]), "seed": seed} if "text" in event \
+                        else event
+
+        return await self._sse(events())
+
+    async def _sse(self, events: AsyncIterator[dict]):
         """Server-Sent Events. The first event is awaited before answering, so that an overloaded
         generator or a bad request still gets its HTTP status; later errors are an error event."""
         from starlette.responses import StreamingResponse
 
-        seed = _seed(request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeout
-        events = self._events(request, seed, deltas=True)
 
         async def next_event() -> dict | None:
             try:  # in this task (not wait_for's): a cancellation reaches the generator's own frame
@@ -257,8 +273,6 @@ class Glowing:
             event = first
             try:
                 while event is not None:
-                    if "text" in event:
-                        event = {**event, "label": schemas.label(event["p_positive"]), "seed": seed}
                     yield streaming.sse(event)
                     event = await next_event()
                 yield streaming.DONE
@@ -272,18 +286,96 @@ class Glowing:
 
     async def _reviews(self, request: dict) -> schemas.ReviewsResponse:
         seed = _seed(request)
-        out = await collect_reviews(lambda count, round_seed: self._continuations(request, count, round_seed),
-                                    self._scores, n=request["n"], min_positive=request["min_positive"],
-                                    max_candidates=request["max_candidates"], seed=seed,
-                                    round_cap=self.settings.reviews_round_size)
+        reviews, final = [], None
+        async with aclosing(self._review_events(request, seed)) as events:
+            async for event in events:
+                if "text" in event:
+                    reviews.append(_review(event["text"], event["p_positive"]))
+                else:
+                    final = event
+        return schemas.ReviewsResponse(reviews=reviews, complete=final["complete"], seed=seed,
+                                       stats=schemas.ReviewsStats(**final["stats"]))
+
+    async def _review_events(self, request: dict, seed: int) -> AsyncIterator[dict]:
+        """/reviews as events: ``{"index", "candidate", "text", "p_positive", "label"}`` per accepted
+        review in answer order, then ``{"complete", "seed", "stats"}`` (GLOWING_REVIEWS, service/reviews.py)."""
+        if self.settings.reviews == "rounds":
+            out = await self._rounds(request, seed)
+            for i, (text, p) in enumerate(out.reviews):
+                yield {"index": i, "candidate": None, "text": text, "p_positive": p, "label": schemas.label(p)}
+        else:
+            pipeline = Pipeline(self._candidates(request, seed), self._scores, n=request["n"],
+                                min_positive=request["min_positive"], max_candidates=request["max_candidates"],
+                                cap=self.settings.reviews_round_size)
+            async with aclosing(pipeline.run()) as steps:
+                async for step in steps:
+                    if isinstance(step, Accepted):
+                        yield {"index": step.place, "candidate": step.candidate, "text": step.text,
+                               "p_positive": step.p_positive, "label": schemas.label(step.p_positive)}
+            out = pipeline.out
         self.metrics.reviews_candidates.observe(out.candidates)
         self.metrics.reviews_acceptance.observe(out.acceptance_rate)
         self.metrics.generated_total.inc(out.candidates)
         self.metrics.accepted_total.inc(out.accepted)
         stats = schemas.ReviewsStats(candidates=out.candidates, accepted=out.accepted, rounds=out.rounds,
-                                     acceptance_rate=out.acceptance_rate, elapsed_ms=round(out.elapsed_s * 1e3, 1))
-        return schemas.ReviewsResponse(reviews=[_review(t, p) for t, p in out.reviews], complete=out.complete,
-                                       seed=seed, stats=stats)
+                                     acceptance_rate=out.acceptance_rate, elapsed_ms=round(out.elapsed_s * 1e3, 1),
+                                     cancelled=out.cancelled, wasted_tokens=out.wasted_tokens)
+        yield {"complete": out.complete, "seed": seed, "stats": stats.model_dump()}
+
+    def _candidates(self, request: dict, seed: int):
+        """The pipeline's ``rows``: candidate ``i`` is row ``i`` of the request's candidates, sampled with
+        ``derive_seed(derive_seed(seed, "candidates"), i)`` whatever wave it travels in."""
+        base = batching.derive_seed(seed, "candidates")
+        prompt = request["prompt"]
+
+        async def rows(first: int, count: int) -> AsyncIterator[tuple[int, str | None, int]]:
+            item = _item(request, count, base, first_row=first)
+            if not self._engine:
+                [continuations] = await _retrying(self.generator.to_async.generate, [item])
+                for i, text in enumerate(continuations):
+                    yield first + i, prompt + text, 0  # the adaptive path does not count tokens
+                return
+            texts = [""] * count
+            async with aclosing(self._row_events(item, progress=PROGRESS)) as steps:
+                async for step in steps:
+                    if isinstance(step, dict):
+                        raise streaming.GeneratorFailed(step.get("error", "the generator failed"))
+                    for index, delta, reason, tokens in step:
+                        if reason == "error":
+                            raise streaming.GeneratorFailed("the generator failed a candidate")
+                        texts[index] += delta
+                        yield first + index, None if reason is None else prompt + texts[index], tokens
+
+        return rows
+
+    async def _rounds(self, request: dict, seed: int):
+        """GLOWING_REVIEWS=rounds: the previous way; tokens counted from the generator's lines."""
+        tokens: dict[str, int] = {}
+        total = 0
+
+        async def generate(count: int, round_seed: int) -> list[str]:
+            nonlocal total
+            if not self._engine:
+                return await self._continuations(request, count, round_seed)
+            texts, counts = [""] * count, [0] * count
+            async with aclosing(self._row_events(_item(request, count, round_seed))) as steps:
+                async for step in steps:
+                    if isinstance(step, dict):
+                        raise streaming.GeneratorFailed(step.get("error", "the generator failed"))
+                    for index, delta, _, n_tokens in step:
+                        texts[index] += delta
+                        counts[index] = n_tokens
+            texts = [request["prompt"] + t for t in texts]
+            total += sum(counts)
+            tokens.update(zip(texts, counts))
+            return texts
+
+        out = await collect_reviews(generate, self._scores, n=request["n"], min_positive=request["min_positive"],
+                                    max_candidates=request["max_candidates"], seed=seed,
+                                    round_cap=self.settings.reviews_round_size)
+        out.tokens = total
+        out.wasted_tokens = total - sum(tokens.get(t, 0) for t, _ in out.reviews)
+        return out
 
     async def _info(self) -> schemas.InfoResponse:
         classifier, generator = await asyncio.gather(self.scorer.to_async.describe(),
@@ -313,7 +405,7 @@ def batching_info(s: Settings) -> dict:
 
 def limits(s: Settings) -> dict:
     return {name: getattr(s, name) for name in ("max_texts", "max_text_chars", "max_prompt_chars", "max_n",
-                                                  "max_new_tokens", "max_candidates", "reviews_round_size",
+                                                  "max_new_tokens", "max_candidates", "reviews", "reviews_round_size",
                                                   "max_concurrency", "timeout")} | {"max_body_bytes": s.body_limit()}
 
 
@@ -335,10 +427,10 @@ async def _retrying(call, batch: list, attempts: int = 3):
             log.warning("connection to a model service lost (attempt %d of %d); retrying", attempt + 1, attempts)
 
 
-def _item(request: dict, n: int, seed: int) -> schemas.GenerationItem:
+def _item(request: dict, n: int, seed: int, first_row: int = 0) -> schemas.GenerationItem:
     return schemas.GenerationItem(prompt=request["prompt"], n=n, max_new_tokens=request["max_new_tokens"],
                                   temperature=request["temperature"], top_p=request["top_p"],
-                                  top_k=request["top_k"], seed=seed)
+                                  top_k=request["top_k"], seed=seed, first_row=first_row)
 
 
 def _seed(request: dict) -> int:

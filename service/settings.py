@@ -68,7 +68,12 @@ class Settings(BaseSettings):
     max_n: int = Field(16, ge=1, description="reviews per /generate or /reviews request")
     max_new_tokens: int = Field(256, ge=1, description="upper bound of the max_new_tokens field")
     max_candidates: int = Field(128, ge=1, description="upper bound of the /reviews max_candidates field")
-    reviews_round_size: int = Field(16, ge=1, description="candidates generated per /reviews round at most")
+    reviews: Literal["pipeline", "rounds"] = Field(
+        "pipeline", description="/reviews: pipeline = candidates stream through the generator and each is scored "
+        "as soon as it ends, the answer is the first n passing candidates in candidate order, the rest "
+        "cancelled; rounds = generate a round, score it, repeat (the previous way, kept for comparison)")
+    reviews_round_size: int = Field(16, ge=1, description="/reviews candidates per round (pipeline: in flight) "
+                                    "at most")
 
     # ---- traffic ---------------------------------------------------------------------------------
     timeout: float = Field(120.0, gt=0, description="seconds a request may take; then 504")

@@ -1,8 +1,8 @@
 """Token streams between the services and to the client (no BentoML, no model here).
 
 Generator service -> API: one line of ASCII JSON per engine step that changed the request, a list of
-row events ``[index, delta, finish]`` (``finish`` null while the row runs, else stop, length,
-cancelled or error). ASCII, so that a chunk cut anywhere by the transport still decodes; the API
+row events ``[index, delta, finish, tokens]`` (``finish`` null while the row runs, else stop, length,
+cancelled or error; ``tokens`` the row's tokens generated so far). ASCII, so that a chunk cut anywhere by the transport still decodes; the API
 reassembles lines (``read_lines``).
 
 API -> client (``"stream": true``): Server-Sent Events as OpenAI-style clients read them, one JSON
@@ -36,14 +36,18 @@ def sse(event: dict[str, Any]) -> str:
 
 
 async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[SamplingSettings],
-                       deltas: bool = True) -> AsyncIterator[str]:
+                       deltas: bool = True, progress: int = 0) -> AsyncIterator[str]:
     """The generator service's side: the engine's updates as text-delta lines. Without ``deltas``
-    (nobody reads tokens as they come) a row's whole text is its one event, when it ends."""
+    (nobody reads tokens as they come) a row's whole text is its one event, when it ends, and with
+    ``progress`` an empty event every ``progress`` tokens tells how far it got (/reviews counts the
+    tokens of the candidates it cancels)."""
     detok = [IncrementalDetokenizer(tokenizer) for _ in rows]
+    tokens = [0] * len(rows)
     async with aclosing(engine.generate(prompt, rows)) as steps:
         async for updates in steps:
             events = []
             for u in updates:
+                tokens[u.index] += u.token is not None
                 if not deltas and u.token is not None:
                     detok[u.index].ids.append(u.token)
                     delta = ""
@@ -51,8 +55,9 @@ async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[S
                     delta = detok[u.index].add(u.token) if u.token is not None else ""
                 if u.finish is not None and u.finish != ERROR:
                     delta += detok[u.index].finish()
-                if delta or u.finish is not None:
-                    events.append([u.index, delta, u.finish])
+                if delta or u.finish is not None or (progress and u.token is not None
+                                                     and tokens[u.index] % progress == 0):
+                    events.append([u.index, delta, u.finish, tokens[u.index]])
             if events:
                 yield json.dumps(events) + "\n"  # ensure_ascii: see the module docstring
 
@@ -90,7 +95,7 @@ async def scored_rows(events: AsyncIterator[list], prompt: str, n: int,
                 async for step in rows:
                     if isinstance(step, dict):  # {"error": ...}: the generator failed these rows
                         raise GeneratorFailed(step.get("error", "the generator failed"))
-                    for index, delta, reason in step:
+                    for index, delta, reason, *_ in step:
                         if delta:
                             texts[index] += delta
                             out.put_nowait({"index": index, "delta": delta})

@@ -121,3 +121,21 @@ def test_abandoned_requests_stop_their_rows(server, stream):
     time.sleep(0.5)
     assert gauge(server.metrics(), "glowing_generation_tokens_total") == tokens  # nothing runs any more
     assert server.post("/generate", {**SAMPLING, "n": 2}).status_code == 200
+
+
+def test_streamed_reviews_are_the_answer_of_the_plain_request(server):
+    """The answer is the first passing candidates in candidate order: the same for a seeded request
+    streamed or not (the same among 16 concurrent clients: test_service_http.py)."""
+    body = {**SAMPLING, "n": 2, "min_positive": 0.5, "max_candidates": 16, "seed": 5}
+    alone = server.post("/reviews", body).json()
+    with httpx.stream("POST", f"{server.url}/reviews", json={**body, "stream": True}, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        streamed = events(resp)
+    assert streamed[-1] == "[DONE]" and streamed[-2]["complete"] == alone["complete"]
+    accepted = streamed[:-2]
+    assert [e["index"] for e in accepted] == list(range(len(accepted)))
+    assert [(e["text"], e["p_positive"]) for e in accepted] == [(r["text"], r["p_positive"]) for r in alone["reviews"]]
+    assert [e["candidate"] for e in accepted] == sorted(e["candidate"] for e in accepted)
+    stats = alone["stats"]
+    assert {"candidates", "accepted", "rounds", "acceptance_rate", "elapsed_ms", "cancelled", "wasted_tokens"} <= set(stats)
+    assert stats["wasted_tokens"] >= 0 and stats["candidates"] <= 16

@@ -68,14 +68,28 @@ def test_an_unseeded_request_returns_the_seed_that_replays_it(svc):
     assert run(svc.generate(n=2, seed=drawn.seed, **SAMPLING)) == drawn
 
 
-def test_reviews_returns_accepted_reviews_best_first_with_stats(svc):
+def test_reviews_returns_the_first_passing_candidates_with_stats(svc):
+    out = run(svc.reviews(n=3, min_positive=0.0, max_candidates=12, seed=5, **SAMPLING))
+    assert out.complete and len(out.reviews) == 3 and out.stats.rounds == 1  # one wave of 6 (a prior of 1 in 2)
+    assert out.stats.candidates == 6 and out.stats.accepted == 3 and out.stats.elapsed_ms > 0
+    assert out.stats.wasted_tokens >= 0 and out.stats.cancelled <= 3
+    again = run(svc.reviews(n=3, min_positive=0.0, max_candidates=12, seed=5, **SAMPLING))
+    assert again.reviews == out.reviews
+    # everything passes: the answer is candidates 0, 1 and 2, which /generate's rows are not (other seeds)
+    from service.batching import derive_seed
+
+    first = run(svc.generate(n=3, seed=5, **SAMPLING))
+    assert [r.text for r in first.reviews] != [r.text for r in out.reviews]
+    assert derive_seed(5, "candidates") != 5
+
+
+def test_reviews_in_rounds_returns_the_best_first(svc, monkeypatch):
+    monkeypatch.setattr(svc, "settings", svc.settings.model_copy(update={"reviews": "rounds"}))
     out = run(svc.reviews(n=3, min_positive=0.0, max_candidates=12, seed=5, **SAMPLING))
     assert out.complete and len(out.reviews) == 3 and out.stats.rounds == 1
     ps = [r.p_positive for r in out.reviews]
     assert ps == sorted(ps, reverse=True)
-    assert out.stats.candidates == 6 and out.stats.accepted >= 3 and out.stats.elapsed_ms > 0
-    again = run(svc.reviews(n=3, min_positive=0.0, max_candidates=12, seed=5, **SAMPLING))
-    assert again.reviews == out.reviews
+    assert out.stats.candidates == 6 and out.stats.accepted >= 3 and out.stats.wasted_tokens > 0
 
 
 def test_reviews_out_of_budget_is_an_answer_not_an_error(svc):

@@ -75,12 +75,23 @@ def test_generate_is_scored_and_reproducible_with_a_seed(server):
     assert server.post("/generate", {**SAMPLING, "n": 2, "seed": unseeded["seed"]}).json() == unseeded
 
 
+def test_seeded_reviews_are_the_same_alone_and_among_16_clients(server):
+    body = {**SAMPLING, "n": 2, "min_positive": 0.5, "max_candidates": 16, "seed": 5}
+    alone = server.post("/reviews", body)
+    assert alone.status_code == 200
+    with cf.ThreadPoolExecutor(16) as pool:
+        crowd = list(pool.map(lambda seed: server.post("/reviews", {**body, "seed": seed}), [5] * 4 + list(range(12))))
+    assert all(c.status_code == 200 for c in crowd)
+    assert all(c.json()["reviews"] == alone.json()["reviews"] for c in crowd[:4])
+
+
 def test_reviews_complete_and_out_of_budget(server):
     done = server.post("/reviews", {**SAMPLING, "n": 2, "min_positive": 0.0, "max_candidates": 8, "seed": 3})
     assert done.status_code == 200
     body = done.json()
     assert body["complete"] and len(body["reviews"]) == 2
-    assert set(body["stats"]) == {"candidates", "accepted", "rounds", "acceptance_rate", "elapsed_ms"}
+    assert set(body["stats"]) == {"candidates", "accepted", "rounds", "acceptance_rate", "elapsed_ms", "cancelled",
+                                  "wasted_tokens"}
     short = server.post("/reviews", {**SAMPLING, "n": 2, "min_positive": 1.0, "max_candidates": 5, "seed": 3})
     assert short.status_code == 200
     assert short.json()["complete"] is False and short.json()["stats"]["candidates"] == 5
