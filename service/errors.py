@@ -1,7 +1,9 @@
 """One error envelope for every failure, and the ASGI guard that applies it at the door.
 
     {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
-               "param": "n"}}
+               "param": "n", "code": null}}
+
+OpenAI's own envelope: its client raises ``openai.BadRequestError``, ``AuthenticationError``, ... from it.
 
 ``Guard`` sits in front of every path. It answers 401 without the API key when one is configured
 (service/auth.py: every path but the liveness and readiness probes), sheds load beyond
@@ -34,13 +36,14 @@ SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # Bento
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or TYPES.get(status, "error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self):
         from starlette.responses import JSONResponse
@@ -69,7 +72,8 @@ def from_validation(err: ValidationError) -> ApiError:
         name = field_name(e["loc"])
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{name}: {msg}" if name else msg)
-    return ApiError(400, "; ".join(parts), field_name(errors[0]["loc"]) if errors else None)
+    return ApiError(400, "; ".join(parts), field_name(errors[0]["loc"]) if errors else None,
+                    code=errors[0]["type"] if errors else None)
 
 
 def from_exception(err: BaseException) -> ApiError:

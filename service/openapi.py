@@ -24,20 +24,35 @@ ENVELOPE_SCHEMA = {
     "properties": {"error": {"type": "object", "required": ["message", "type", "param"], "properties": {
         "message": {"type": "string", "description": "what is wrong, naming the field"},
         "type": {"type": "string", "enum": sorted(set(TYPES.values()))},
-        "param": {"type": "string", "nullable": True, "description": "the offending field, e.g. texts[3]"}}}},
+        "param": {"type": "string", "nullable": True, "description": "the offending field, e.g. texts[3]"},
+        "code": {"type": "string", "nullable": True, "description": "a machine-readable reason, e.g. "
+                 "less_than_equal, extra_forbidden, model_not_found"}}}},
     "example": {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
                           "param": "n"}}}
 REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 EXTRA = {"405": "Method Not Allowed", "413": "Payload Too Large (the body exceeds the request limits)",
          "503": "Overloaded: too many requests in flight, retry after the Retry-After header",
          "504": "The request did not finish within the timeout"}
-# /generate with "stream": true answers Server-Sent Events (service/streaming.py)
-EVENT_STREAM = {"schema": {"type": "object", "required": ["data"], "description": "one Server-Sent Event", "properties": {
-    "data": {"type": "string", "description": '{"index", "delta"} as tokens are made; {"index", "text", "p_positive", '
-             '"label", "finish_reason", "seed"} when a review ends; [DONE] last. An error after the start is '
-             '{"error": {...}}, the last event'},
-    "event": {"type": "string"}, "id": {"type": "string"}}}}
-STREAMING_PATHS = frozenset({"/generate"})
+
+
+def _event_stream(data: str) -> dict:
+    return {"schema": {"type": "object", "required": ["data"], "description": "one Server-Sent Event", "properties": {
+        "data": {"type": "string", "description": data + "; [DONE] last. An error after the start is "
+                 '{"error": {...}}, the last event'},
+        "event": {"type": "string"}, "id": {"type": "string"}}}}
+
+
+# "stream": true answers Server-Sent Events (service/streaming.py)
+EVENT_STREAM = _event_stream('{"index", "delta"} as tokens are made; {"index", "text", "p_positive", "label", '
+                             '"finish_reason", "seed"} when a review ends')
+STREAMS = {"/generate": EVENT_STREAM,
+           "/reviews": _event_stream('{"index", "candidate", "text", "p_positive", "label", "finish_reason"} per '
+                                     'accepted review once its place is settled; then {"complete", "seed", "stats"}'),
+           "/v1/completions": _event_stream('OpenAI completion chunks {"id", "object", "created", "model", '
+                                            '"choices": [{"text", "index", "logprobs", "finish_reason", '
+                                            '"p_positive"}]}')}
+STREAMING_PATHS = frozenset(STREAMS)
+NOT_FOUND = {"/v1/completions": {"404": {"description": "No such model (param model, code model_not_found)", **REF}}}
 UNAUTHORIZED = {"401": {"description": "Missing or wrong API key (Authorization: Bearer <key>)", **REF}}
 
 
@@ -58,7 +73,8 @@ def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
             for media in body.get("content", {}).values():
                 _openapi30(media.get("schema", {}))
         if path in STREAMING_PATHS and "200" in post["responses"]:
-            post["responses"]["200"].setdefault("content", {})["text/event-stream"] = EVENT_STREAM
+            post["responses"]["200"].setdefault("content", {})["text/event-stream"] = STREAMS[path]
+        post["responses"].update(NOT_FOUND.get(path, {}))
         if path in guard.get_paths:
             item["get"] = {k: v for k, v in post.items() if k != "requestBody"}
             item["get"]["operationId"] = f"{post.get('operationId', path.strip('/'))}__get"

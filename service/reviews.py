@@ -78,7 +78,8 @@ async def collect_reviews(generate: GenerateRound, score: Score, *, n: int, min_
 
 # ---- the pipeline (GLOWING_REVIEWS=pipeline) --------------------------------------------------
 
-# (first candidate, count) -> (candidate index, its text once it ended else None, tokens generated so far)
+# (first candidate, count) -> (candidate index, its text once it ended else None, tokens generated so far
+# [, its finish reason])
 _DETACHED: set[asyncio.Task] = set()  # scoring calls that outlive their request (kept from the GC)
 Rows = Callable[[int, int], AsyncIterator[tuple[int, "str | None", int]]]
 
@@ -89,6 +90,7 @@ class Accepted:
     candidate: int  # its candidate index
     text: str
     p_positive: float
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -119,6 +121,7 @@ class Pipeline:
         self._scoring: set[asyncio.Task] = set()
         self._launched = 0
         self._tokens: dict[int, int] = {}
+        self._finish: dict[int, str | None] = {}
         self._decided: dict[int, tuple[str, float] | None] = {}  # None: blank, never scored
         self._cut = self.max_candidates  # candidates from here on cannot enter the answer
         accepted: list[Accepted] = []
@@ -136,7 +139,8 @@ class Pipeline:
                     decision = self._decided[settled]
                     if decision is not None and decision[1] >= self.min_positive and decision[0] not in seen:
                         seen.add(decision[0])
-                        accepted.append(Accepted(len(accepted), settled, *decision))
+                        accepted.append(Accepted(len(accepted), settled, *decision[:2],
+                                                 self._finish.get(settled)))
                         yield accepted[-1]
                     settled += 1
                 self._update_cut()
@@ -192,9 +196,10 @@ class Pipeline:
         ended = 0
         try:
             async with aclosing(self.rows(first, count)) as rows:
-                async for index, text, tokens in rows:
+                async for index, text, tokens, *finish in rows:
                     self._tokens[index] = tokens
                     if text is not None:
+                        self._finish[index] = finish[0] if finish else None
                         ended += 1
                         task = asyncio.ensure_future(self._score_one(index, text))
                         self._scoring.add(task)

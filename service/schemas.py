@@ -58,6 +58,7 @@ class ReviewsStats(BaseModel):
     rounds: int = Field(description="generate-then-score rounds (GLOWING_REVIEWS=pipeline: waves of candidates "
                         "sent to the generator)")
     acceptance_rate: float = Field(description="accepted / candidates (0 when no candidate was generated)")
+    tokens: int = Field(0, description="tokens generated for all candidates")
     cancelled: int = Field(0, description="candidates cancelled before they ended, once the answer was known")
     wasted_tokens: int = Field(0, description="tokens generated for candidates that were rejected or cancelled "
                                "(for cancelled ones, up to 7 tokens each may go uncounted)")

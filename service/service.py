@@ -21,8 +21,9 @@ import bentoml
 
 from glowing import artifacts as A
 from service import auth, batching, metrics, models, patches, schemas, store, streaming
+from service import openai_protocol as oai
 from service.disconnect import CancelOnDisconnect
-from service.errors import Guard, from_exception
+from service.errors import ApiError, Guard, from_exception
 from service.reviews import Accepted, Pipeline, collect_reviews
 from service.settings import Settings, get_settings
 
@@ -30,6 +31,7 @@ log = logging.getLogger("bentoml.glowing")
 patches.apply()
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
+COMPLETION = oai.completion_request(SETTINGS)
 # Half a GPU each: BentoML then places the scorer and the generator on the same device. With
 # {"gpu": 1} each, the second one is assigned GPU 1, which a one-GPU pod does not have.
 GPU = {"gpu": 0.5} if SETTINGS.device == "cuda" else None
@@ -130,6 +132,7 @@ class Glowing:
         self.settings = store.resolve(get_settings())
         self.manifest = models.read_manifest(self.settings)
         self.metrics = metrics.get()
+        self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
 
     @bentoml.on_deployment
     def preflight() -> None:
@@ -163,6 +166,26 @@ class Glowing:
         if request.get("stream"):
             return await self._sse(self._review_events(request, _seed(request)))
         return await self._answer(self._reviews(request))
+
+    @bentoml.api(route="/v1/completions", input_spec=COMPLETION)
+    async def completions(self, **request) -> oai.Completion:
+        """OpenAI-compatible completions (service/openai_protocol.py): each choice scored (``p_positive``);
+        with the extension ``min_positive`` the choices are the accepted reviews of a /reviews request.
+        ``"stream": true`` answers completion chunks as Server-Sent Events, then ``[DONE]``."""
+        if request["model"] != oai.MODEL_ID:
+            return ApiError(404, f"model: no model {request['model']!r} here; GET /v1/models lists "
+                                 f"{oai.MODEL_ID!r}", param="model", code="model_not_found").response()
+        if request["user"]:
+            log.debug("completion for user %r", request["user"])
+        seed, cid, created = _seed(request), oai.new_id(), oai.now()
+        if request["stream"]:
+            return await self._sse(self._completion_chunks(request, seed, cid, created))
+        return await self._answer(self._completion(request, seed, cid, created))
+
+    @bentoml.api(route="/v1/models", input_spec=oai.ModelsRequest)
+    async def list_models(self) -> oai.ModelList:
+        """The served generator, OpenAI-style (also served on GET /v1/models)."""
+        return await self._answer(self._models())
 
     @bentoml.api(route="/info", input_spec=REQUESTS.info)
     async def info(self) -> schemas.InfoResponse:
@@ -243,8 +266,10 @@ class Glowing:
         async def events() -> AsyncIterator[dict]:
             async with aclosing(self._events(request, seed, deltas=True)) as rows:
                 async for event in rows:
-                    yield {**event, "label": schemas.label(event["p_positive"]), "seed": seed} if "text" in event \
-                        else event
+                    if "text" in event:
+                        event = {k: v for k, v in event.items() if k != "tokens"}
+                        event |= {"label": schemas.label(event["p_positive"]), "seed": seed}
+                    yield event
 
         return await self._sse(events())
 
@@ -296,7 +321,7 @@ class Glowing:
         return schemas.ReviewsResponse(reviews=reviews, complete=final["complete"], seed=seed,
                                        stats=schemas.ReviewsStats(**final["stats"]))
 
-    async def _review_events(self, request: dict, seed: int) -> AsyncIterator[dict]:
+    async def _review_events(self, request: dict, seed: int, stop: list[str] = ()) -> AsyncIterator[dict]:
         """/reviews as events: ``{"index", "candidate", "text", "p_positive", "label"}`` per accepted
         review in answer order, then ``{"complete", "seed", "stats"}`` (GLOWING_REVIEWS, service/reviews.py)."""
         if self.settings.reviews == "rounds":
@@ -304,14 +329,15 @@ class Glowing:
             for i, (text, p) in enumerate(out.reviews):
                 yield {"index": i, "candidate": None, "text": text, "p_positive": p, "label": schemas.label(p)}
         else:
-            pipeline = Pipeline(self._candidates(request, seed), self._scores, n=request["n"],
+            pipeline = Pipeline(self._candidates(request, seed, stop), self._scores, n=request["n"],
                                 min_positive=request["min_positive"], max_candidates=request["max_candidates"],
                                 cap=self.settings.reviews_round_size)
             async with aclosing(pipeline.run()) as steps:
                 async for step in steps:
                     if isinstance(step, Accepted):
                         yield {"index": step.place, "candidate": step.candidate, "text": step.text,
-                               "p_positive": step.p_positive, "label": schemas.label(step.p_positive)}
+                               "p_positive": step.p_positive, "label": schemas.label(step.p_positive),
+                               "finish_reason": step.finish_reason}
             out = pipeline.out
         self.metrics.reviews_candidates.observe(out.candidates)
         self.metrics.reviews_acceptance.observe(out.acceptance_rate)
@@ -319,12 +345,13 @@ class Glowing:
         self.metrics.accepted_total.inc(out.accepted)
         stats = schemas.ReviewsStats(candidates=out.candidates, accepted=out.accepted, rounds=out.rounds,
                                      acceptance_rate=out.acceptance_rate, elapsed_ms=round(out.elapsed_s * 1e3, 1),
-                                     cancelled=out.cancelled, wasted_tokens=out.wasted_tokens)
+                                     tokens=out.tokens, cancelled=out.cancelled, wasted_tokens=out.wasted_tokens)
         yield {"complete": out.complete, "seed": seed, "stats": stats.model_dump()}
 
-    def _candidates(self, request: dict, seed: int):
+    def _candidates(self, request: dict, seed: int, stop: list[str] = ()):
         """The pipeline's ``rows``: candidate ``i`` is row ``i`` of the request's candidates, sampled with
-        ``derive_seed(derive_seed(seed, "candidates"), i)`` whatever wave it travels in."""
+        ``derive_seed(derive_seed(seed, "candidates"), i)`` whatever wave it travels in; a candidate is
+        cut before the first of the ``stop`` strings it contains (then scored)."""
         base = batching.derive_seed(seed, "candidates")
         prompt = request["prompt"]
 
@@ -333,7 +360,8 @@ class Glowing:
             if not self._engine:
                 [continuations] = await _retrying(self.generator.to_async.generate, [item])
                 for i, text in enumerate(continuations):
-                    yield first + i, prompt + text, 0  # the adaptive path does not count tokens
+                    text, reason = _cut(text, stop, None)
+                    yield first + i, prompt + text, 0, reason  # the adaptive path does not count tokens
                 return
             texts = [""] * count
             async with aclosing(self._row_events(item, progress=PROGRESS)) as steps:
@@ -344,7 +372,11 @@ class Glowing:
                         if reason == "error":
                             raise streaming.GeneratorFailed("the generator failed a candidate")
                         texts[index] += delta
-                        yield first + index, None if reason is None else prompt + texts[index], tokens
+                        if reason is None:
+                            yield first + index, None, tokens
+                        else:
+                            text, reason = _cut(texts[index], stop, reason)
+                            yield first + index, prompt + text, tokens, reason
 
         return rows
 
@@ -376,6 +408,92 @@ class Glowing:
         out.tokens = total
         out.wasted_tokens = total - sum(tokens.get(t, 0) for t, _ in out.reviews)
         return out
+
+    # ---- the OpenAI-compatible API -----------------------------------------------------------------
+
+    async def _choices(self, request: dict, seed: int) -> AsyncIterator[dict]:
+        """Choice pieces ``{"index", "text"}`` (a delta) and, when a choice ends, ``{"index", "text",
+        "finish_reason", "p_positive", "tokens"}``; with min_positive, per prompt at the end
+        ``{"prompt": k, "reviews": {complete, seed, stats}}``. Prompts one after the other."""
+        n, stop = request["n"], oai.stops(request)
+        for k, prompt in enumerate(oai.prompts(request)):
+            inner, pseed = oai.internal(request, prompt, self.settings), oai.prompt_seed(seed, k)
+            if request["min_positive"] is not None:
+                async with aclosing(self._review_events(inner, pseed, stop)) as events:
+                    async for e in events:
+                        if "text" in e:
+                            yield {"index": k * n + e["index"], "text": e["text"][len(prompt):],
+                                   "finish_reason": e["finish_reason"], "p_positive": e["p_positive"]}
+                        else:
+                            yield {"prompt": k, "reviews": e}
+                continue
+            cutters = [oai.StopCutter(stop) for _ in range(n)]
+            async with aclosing(self._events(inner, pseed, deltas=request["stream"])) as events:
+                async for e in events:
+                    cut = cutters[e["index"]]
+                    if "delta" in e:
+                        if text := cut.feed(e["delta"]):
+                            yield {"index": k * n + e["index"], "text": text}
+                        continue
+                    rest, p = cut.finish(), e["p_positive"]
+                    if cut.stopped:  # the score is of what the client gets
+                        [p] = await self._scores([prompt + cut.text])
+                    yield {"index": k * n + e["index"], "text": rest, "p_positive": p, "tokens": e.get("tokens", 0),
+                           "finish_reason": "stop" if cut.stopped else e["finish_reason"]}
+
+    async def _completion_chunks(self, request: dict, seed: int, cid: str, created: int) -> AsyncIterator[dict]:
+        async with aclosing(self._choices(request, seed)) as pieces:
+            async for piece in pieces:
+                if "index" in piece:
+                    choice = {"text": piece["text"], "index": piece["index"], "logprobs": None,
+                              "finish_reason": piece.get("finish_reason")}
+                    if "p_positive" in piece:
+                        choice["p_positive"] = piece["p_positive"]
+                    yield oai.chunk(cid, created, seed, [choice])
+
+    async def _completion(self, request: dict, seed: int, cid: str, created: int) -> oai.Completion:
+        choices: dict[int, dict] = {}
+        reviews, tokens = {}, 0
+        async with aclosing(self._choices(request, seed)) as pieces:
+            async for piece in pieces:
+                if "reviews" in piece:
+                    reviews[str(piece["prompt"])] = piece["reviews"]
+                    tokens += piece["reviews"]["stats"]["tokens"]
+                    continue
+                choice = choices.setdefault(piece["index"], {"text": "", "index": piece["index"],
+                                                              "finish_reason": None})
+                choice["text"] += piece["text"]
+                if "p_positive" in piece:
+                    choice |= {"finish_reason": piece["finish_reason"], "p_positive": piece["p_positive"]}
+                    tokens += piece.get("tokens", 0)
+        prompt_tokens = sum(map(self._prompt_tokens, oai.prompts(request))) * (1 if reviews else request["n"])
+        return oai.Completion(id=cid, created=created, model=oai.MODEL_ID, system_fingerprint=f"seed-{seed}",
+                              choices=[oai.Choice(**choices[i]) for i in sorted(choices)],
+                              usage=oai.Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens,
+                                              total_tokens=prompt_tokens + tokens),
+                              reviews=reviews or None)
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        """The prompt's length in the generator's tokens (its tokenizer.json, read once; 0 without one)."""
+        if self._tokenizer is None:
+            from pathlib import Path
+
+            path = Path(models.model_dir(A.GENERATOR, self.settings)) / "tokenizer.json"
+            try:
+                from tokenizers import Tokenizer
+
+                self._tokenizer = Tokenizer.from_file(str(path))
+            except Exception:
+                log.warning("no tokenizer at %s: usage.prompt_tokens will read 0", path)
+                self._tokenizer = False
+        return len(self._tokenizer.encode(prompt).ids) if self._tokenizer else 0
+
+    async def _models(self) -> oai.ModelList:
+        generator = await self.generator.to_async.describe()
+        from pathlib import Path
+
+        created = int((Path(self.settings.artifacts) / A.MANIFEST).stat().st_mtime)
+        return oai.ModelList(data=[oai.Model(id=oai.MODEL_ID, created=created, version=generator.get("version"))])
 
     async def _info(self) -> schemas.InfoResponse:
         classifier, generator = await asyncio.gather(self.scorer.to_async.describe(),
@@ -437,6 +555,12 @@ def _seed(request: dict) -> int:
     return request["seed"] if request["seed"] is not None else secrets.randbelow(schemas.SEED_MAX + 1)
 
 
+def _cut(text: str, stop, reason: str | None) -> tuple[str, str | None]:
+    """``text`` before the first of the ``stop`` strings it contains (finish reason stop)."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[:min(hits)], "stop") if hits else (text, reason)
+
+
 def _review(text: str, p: float) -> schemas.Review:
     return schemas.Review(text=text, p_positive=p, label=schemas.label(p))
 
@@ -447,6 +571,7 @@ for _service in (Glowing, Scorer, Generator):
     _service.add_asgi_middleware(CancelOnDisconnect)
 Glowing.add_asgi_middleware(
     Guard, models={"/score": REQUESTS.score, "/generate": REQUESTS.generate, "/reviews": REQUESTS.reviews,
-                   "/info": REQUESTS.info},
+                   "/info": REQUESTS.info, "/v1/completions": COMPLETION, "/v1/models": oai.ModelsRequest},
+    get_paths=frozenset({"/info", "/v1/models"}),
     max_concurrency=SETTINGS.max_concurrency, max_body_bytes=SETTINGS.body_limit(),
     api_key=auth.key_bytes(SETTINGS.api_key))

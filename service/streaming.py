@@ -77,16 +77,16 @@ async def read_lines(chunks: AsyncIterator[str]) -> AsyncIterator[list]:
 async def scored_rows(events: AsyncIterator[list], prompt: str, n: int,
                       score: Callable[[list[str]], Awaitable[list[float]]]) -> AsyncIterator[dict]:
     """Deltas as they come, ``{"index", "delta"}``; each row, once it ends, scored on its own (the
-    scorer batches across requests) and sent as ``{"index", "text", "p_positive", "finish_reason"}``
-    where ``text`` is the prompt and the whole continuation. Every row ends with its final event."""
+    scorer batches across requests) and sent as ``{"index", "text", "p_positive", "finish_reason", "tokens"}``
+    where ``text`` is the prompt and the whole continuation, ``tokens`` its count. Every row ends with its final event."""
     out: asyncio.Queue = asyncio.Queue()
-    texts = [""] * n
+    texts, tokens = [""] * n, [0] * n
     finals = 0
 
     async def finish(index: int, reason: str) -> None:
         text = prompt + texts[index]
         [p] = await score([text])
-        out.put_nowait({"index": index, "text": text, "p_positive": p, "finish_reason": reason})
+        out.put_nowait({"index": index, "text": text, "p_positive": p, "finish_reason": reason, "tokens": tokens[index]})
 
     async def produce() -> None:
         scoring = []
@@ -95,7 +95,8 @@ async def scored_rows(events: AsyncIterator[list], prompt: str, n: int,
                 async for step in rows:
                     if isinstance(step, dict):  # {"error": ...}: the generator failed these rows
                         raise GeneratorFailed(step.get("error", "the generator failed"))
-                    for index, delta, reason, *_ in step:
+                    for index, delta, reason, *count in step:
+                        tokens[index] = count[0] if count else tokens[index]
                         if delta:
                             texts[index] += delta
                             out.put_nowait({"index": index, "delta": delta})

@@ -62,7 +62,7 @@ def envelope_problems(resp) -> list[str]:
     problems = []
     try:
         error = resp.json()["error"]
-        assert set(error) == {"message", "type", "param"} and isinstance(error["message"], str)
+        assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
     except (ValueError, KeyError, TypeError, AssertionError):
         problems.append(f"not the JSON error envelope: {resp.text[:200]!r}")
     if not header(resp, "content-type").startswith("application/json"):

@@ -210,7 +210,7 @@ def test_a_fault_in_one_batch_fails_only_its_requests(exported, tmp_path):
         alone = srv.post("/score", {"texts": [f"a review {FAULT}"]})
         assert alone.status_code == 500 and envelope_problems(alone) == []
         assert alone.json()["error"] == {"message": "internal error; the server log has the details",
-                                         "type": "internal_error", "param": None}
+                                         "type": "internal_error", "param": None, "code": None}
         assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200 and srv.serves()
 
         texts = [f"Review {i}: {'superb' if i % 2 else 'dreadful'} acting." for i in range(24)]

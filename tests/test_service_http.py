@@ -140,7 +140,7 @@ def test_malformed_requests_get_the_envelope_and_the_server_keeps_serving(server
     wrong_method = httpx.get(f"{server.url}/score", timeout=10)
     unknown = httpx.get(f"{server.url}/nowhere", timeout=10)
     for resp, status in ((not_json, 400), (wrong_method, 405), (unknown, 404)):
-        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param"}
+        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
     assert server.post("/score", {"texts": ["still here"]}).status_code == 200
     assert "Traceback" not in server.output()  # bad requests are answered, not logged as crashes
 
@@ -197,7 +197,7 @@ def test_openapi_documents_the_endpoints_bounds_and_errors(server):
     responses = paths["/reviews"]["post"]["responses"]
     assert {"200", "400", "503", "504"} <= set(responses)
     error = spec["components"]["schemas"]["InvalidArgument"]
-    assert set(error["properties"]["error"]["properties"]) == {"message", "type", "param"}
+    assert set(error["properties"]["error"]["properties"]) == {"message", "type", "param", "code"}
 
 
 def test_overload_is_shed_with_503(exported, tmp_path):

@@ -102,7 +102,7 @@ def test_internal_failures_map_to_an_envelope_without_details(exc, status, type_
     err = errors.from_exception(exc)
     assert (err.status, err.type) == (status, type_)
     assert "/secret" not in err.message and "Traceback" not in err.message
-    assert set(err.body()["error"]) == {"message", "type", "param"}
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
 
 
 def _app(**guard):
@@ -186,7 +186,8 @@ def test_guard_rewrites_foreign_errors_into_the_envelope():
 
     boom, bento, missing = asyncio.run(main())
     assert boom.status_code == 500 and "Traceback" not in boom.text and "secret" not in boom.text
-    assert boom.json() == {"error": {"message": "Internal Server Error", "type": "internal_error", "param": None}}
+    assert boom.json() == {"error": {"message": "Internal Server Error", "type": "internal_error", "param": None,
+                                         "code": None}}
     assert bento.status_code == 400 and bento.json()["error"]["message"] == "a BentoML-shaped message"
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
 
