@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -32,6 +33,8 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_fo
          415: "unsupported_media_type", 429: "overloaded", 500: "internal_error", 503: "overloaded",
          504: "timeout"}
 OPENAPI_PATH = "/docs.json"
+UNION_MEMBER = re.compile(r"[\[\-]")  # pydantic's loc for a member of a union: "constrained-str", "list[str]"
+TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
 SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # BentoML's answers, errors enveloped
 
 
@@ -55,9 +58,12 @@ class ApiError(Exception):
 
 
 def field_name(loc: tuple) -> str | None:
-    """``("texts", 3)`` -> ``"texts[3]"``; pydantic's own wrappers (json, model names) are dropped."""
+    """``("texts", 3)`` -> ``"texts[3]"``; pydantic's own wrappers (json, model names, the members of a
+    union: ``("prompt", "list[constrained-str]", 0)`` -> ``"prompt[0]"``) are dropped."""
     name = ""
     for part in loc:
+        if isinstance(part, str) and (UNION_MEMBER.search(part) or part in TYPE_NAMES):
+            continue
         if isinstance(part, int):
             name += f"[{part}]"
         else:

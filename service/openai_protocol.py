@@ -22,6 +22,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from service.batching import derive_seed
@@ -50,13 +51,18 @@ def _unsupported(name: str):
 def completion_request(settings: Settings) -> type[BaseModel]:
     s = settings
     Prompt = Annotated[str, StringConstraints(max_length=s.max_prompt_chars)]
+    Prompts = Annotated[list[Prompt], Field(min_length=1, max_length=s.max_n)]
+    Stop = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    Stops = Annotated[list[Stop], Field(max_length=4)]
 
     class CompletionRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra={"example":
             {"model": MODEL_ID, "prompt": "This movie", "max_tokens": 32, "n": 2, "seed": 7}})
-        model: str = Field(max_length=200, description=f"the served model: {MODEL_ID} (GET /v1/models)")
-        prompt: Prompt | list[Prompt] = Field(max_length=s.max_n, description="a prompt, or a list of "
-                                              f"up to {s.max_n} prompts (n choices each, in prompt order)")
+        # the schema names the one model; another name is a 404 (model_not_found), as OpenAI answers it
+        model: str = Field(max_length=200, json_schema_extra={"enum": [MODEL_ID]},
+                           description=f"the served model: {MODEL_ID} (GET /v1/models)")
+        prompt: Prompt | Prompts = Field(description="a prompt, or a list of up to "
+                                         f"{s.max_n} prompts (n choices each, in prompt order)")
         max_tokens: int = Field(16, ge=1, le=s.max_new_tokens, description="tokens per choice at most")
         temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
         top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off)")
@@ -65,7 +71,7 @@ def completion_request(settings: Settings) -> type[BaseModel]:
                        "reviews at most)")
         seed: int | None = Field(None, ge=0, le=SEED_MAX, description="same seed and settings, same choices "
                                  "(unset: the server draws one; the response's system_fingerprint holds it)")
-        stop: str | list[str] | None = Field(None, description="up to 4 strings; a choice ends before the first "
+        stop: Stop | Stops | None = Field(None, description="up to 4 strings; a choice ends before the first "
                                              "one it contains (finish_reason stop)")
         stream: bool = Field(False, description="answer Server-Sent Events: completion chunks, then [DONE]")
         user: str | None = Field(None, max_length=256, description="the end user's id (logged, not used)")
@@ -75,14 +81,15 @@ def completion_request(settings: Settings) -> type[BaseModel]:
         max_candidates: int | None = Field(None, ge=1, le=s.max_candidates, description="extension, with "
                                            "min_positive: candidates per prompt at most (default min(32, "
                                            f"{s.max_candidates})); must be >= n")
-        best_of: int | None = Field(None, ge=1, description="only null or equal to n: not supported otherwise")
-        echo: bool = Field(False, description="only false: not supported")
-        suffix: str | None = Field(None, description="only null: not supported")
-        logit_bias: dict[str, float] | None = Field(None, description="only null or {}: not supported")
-        logprobs: int | None = Field(None, description="only null or 0: not supported")
-        presence_penalty: float | None = Field(None, description="only null or 0: not supported")
-        frequency_penalty: float | None = Field(None, description="only null or 0: not supported")
-        stream_options: dict | None = Field(None, description="only null: not supported")
+        # OpenAI's fields we do not implement: accepted at their neutral value only, left out of the schema
+        best_of: SkipJsonSchema[int | None] = None
+        echo: SkipJsonSchema[bool] = False
+        suffix: SkipJsonSchema[str | None] = None
+        logit_bias: SkipJsonSchema[dict[str, float] | None] = None
+        logprobs: SkipJsonSchema[int | None] = None
+        presence_penalty: SkipJsonSchema[float | None] = None
+        frequency_penalty: SkipJsonSchema[float | None] = None
+        stream_options: SkipJsonSchema[dict | None] = None
 
         _echo = _unsupported("echo")
         _suffix = _unsupported("suffix")
@@ -91,21 +98,6 @@ def completion_request(settings: Settings) -> type[BaseModel]:
         _presence = _unsupported("presence_penalty")
         _frequency = _unsupported("frequency_penalty")
         _stream_options = _unsupported("stream_options")
-
-        @field_validator("prompt")
-        @classmethod
-        def _some_prompt(cls, value):
-            if isinstance(value, list) and not value:
-                raise PydanticCustomError("no_prompt", "send a prompt, or a list of at least one")
-            return value
-
-        @field_validator("stop")
-        @classmethod
-        def _stops(cls, value):
-            stops = [value] if isinstance(value, str) else value or []
-            if len(stops) > 4 or any(not 1 <= len(s) <= 100 for s in stops):
-                raise PydanticCustomError("bad_stop", "up to 4 strings of 1 to 100 characters")
-            return value
 
         @field_validator("best_of")
         @classmethod

@@ -61,6 +61,9 @@ def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
     schemas["Error"] = ENVELOPE_SCHEMA
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes
         schemas[name] = {**ENVELOPE_SCHEMA, "title": name}
+    for name, schema in list(schemas.items()):  # response models too: a null default is nullable
+        if name not in ("Error", "InvalidArgument", "NotFound", "InternalServerError"):
+            _openapi30(schema)
     for path, model in guard.models.items():
         item = spec.get("paths", {}).get(path)
         if not item or "post" not in item:
@@ -99,3 +102,5 @@ def _openapi30(schema: dict[str, Any]) -> None:
                 field[plain], field[bound] = value, True
         if "default" in field and field["default"] is None:
             field["nullable"] = True
+            if field.get("type") == "null":  # a field that is always null (OpenAI's logprobs here)
+                del field["type"]

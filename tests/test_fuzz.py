@@ -36,7 +36,8 @@ KEY = "fuzz-test-key-7f3a"
 FUZZ_LIMITS = {"GLOWING_MAX_NEW_TOKENS": "16", "GLOWING_MAX_N": "4", "GLOWING_MAX_CANDIDATES": "8",
                "GLOWING_MAX_TEXTS": "8", "GLOWING_MAX_TEXT_CHARS": "2000", "GLOWING_MAX_CONCURRENCY": "64"}
 # Examples per operation and generation mode; operations without parameters have one possible request.
-EXAMPLES = {"POST /score": 180, "POST /generate": 180, "POST /reviews": 180, "POST /info": 40}
+EXAMPLES = {"POST /score": 180, "POST /generate": 180, "POST /reviews": 180, "POST /info": 40,
+            "POST /v1/completions": 150, "POST /v1/models": 5, "GET /v1/models": 5}
 MIN_REQUESTS = 1_000
 LEAKS = re.compile(r"Traceback|File \"|site-packages|/tmp/|/work/|\.py\b|Python/\d|bentoml[ /=-]?v?\d", re.I)
 
@@ -74,11 +75,18 @@ def envelope_problems(resp) -> list[str]:
 
 
 def cross_field_rejection(case, resp) -> bool:
-    """The one rule the schema cannot state: /reviews wants max_candidates >= n."""
+    """The rules the schema cannot state: /reviews wants max_candidates >= n; /v1/completions too, and
+    max_candidates only with min_positive."""
     body = case.body if isinstance(case.body, dict) else {}
-    n, budget = body.get("n", 3), body.get("max_candidates", 8)
-    return (case.path == "/reviews" and resp.status_code == 400 and isinstance(n, int) and isinstance(budget, int)
-            and budget < n and resp.json()["error"]["param"] == "max_candidates")
+    if resp.status_code != 400 or resp.json()["error"]["param"] != "max_candidates":
+        return False
+    if case.path == "/reviews":
+        n, budget = body.get("n", 3), body.get("max_candidates", 8)
+        return isinstance(n, int) and isinstance(budget, int) and budget < n
+    if case.path == "/v1/completions":
+        n, budget = body.get("n", 1), body.get("max_candidates")
+        return body.get("min_positive") is None or (isinstance(n, int) and isinstance(budget, int) and budget < n)
+    return False
 
 
 def check(case, resp, mode: GenerationMode) -> list[str]:
