@@ -511,7 +511,8 @@ class Glowing:
 def batching_info(s: Settings) -> dict:
     if s.batching == "engine":
         return {"mode": "engine",
-                A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size, "wait_ms": 0, "workers": s.scorer_workers},
+                A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size, "max_batch_tokens": s.scorer_max_batch_tokens,
+                               "wait_ms": 0, "workers": s.scorer_workers},
                 A.GENERATOR: {"max_rows": s.engine_max_rows, "max_step_tokens": s.engine_max_step_tokens,
                               "max_waiting": s.engine_max_waiting, "workers": s.generator_workers}}
     return {"mode": "adaptive",

@@ -111,6 +111,14 @@ def test_row_cap_and_prefill_budget_hold_and_everyone_gets_served(generator):
         assert rec.tokens[0] == alone(generator, PROMPTS[i % len(PROMPTS)], sampled(20 + i, 10))
 
 
+def test_zero_new_tokens_finish_without_a_model_call(generator):
+    engine = Engine(generator)
+    rec = Recorder(2)
+    engine.submit("This movie", [sampled(1, 0), sampled(2, 3)], rec)
+    engine.run_until_idle()
+    assert rec.tokens[0] == [] and rec.finish[0] == LENGTH and len(rec.tokens[1]) <= 3
+
+
 def test_a_full_queue_refuses_the_whole_request(generator):
     engine = Engine(generator, max_waiting=4)
     engine.submit("a", [sampled(1)] * 3, Recorder(3))

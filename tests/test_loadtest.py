@@ -201,3 +201,22 @@ def test_help_names_every_flag():
     for flag in ("--artifacts", "--scenarios", "--users", "--duration", "--endpoint", "--out", "--smoke",
                  "--workers"):
         assert flag in proc.stdout
+
+
+def test_serving_benchmark_smoke_compares_both_modes(exported, export_data_dir, tmp_path):
+    """loadtests.serving end to end on the tiny models: both modes, every part of the report."""
+    out = tmp_path / "serving"
+    proc = subprocess.run([sys.executable, "-m", "loadtests.serving", "--smoke", "--artifacts", str(exported),
+                           "--data-dir", str(export_data_dir), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["modes"]) == {"adaptive", "engine"} and (out / "serving.png").stat().st_size > 0
+    for mode in summary["modes"].values():
+        assert all(v is not None for v in (*mode["lone_before"].values(), *mode["lone_after"].values()))
+        assert [s["users"] for s in mode["ladder"]] == [1, 4] and all(s["requests"] > 0 for s in mode["ladder"])
+        assert all(s["ttft_p50"] is not None for s in mode["stream"])
+        assert mode["cancellation"]["abandoned"] == 3
+    assert summary["modes"]["engine"]["cancellation"]["running_rows_gauge"] == 0
+    report = (out / "report.md").read_text()
+    assert "| generate_8 |" in report and "| engine |" in report and "| 4 |" in report

@@ -301,6 +301,11 @@ class Engine:
         return chosen
 
     def _prefill(self, rows: list[_Row], out: dict) -> None:
+        for row in [r for r in rows if r.max_new <= 0]:  # nothing to generate: done before any call
+            self._emit(out, row, None, LENGTH)
+        rows = [r for r in rows if r.max_new > 0]
+        if not rows:
+            return
         input_ids, mask = left_pad([r.prompt for r in rows], self._pad)
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)  # as transformers does
         try:
