@@ -68,13 +68,16 @@ serve: install $(ARTIFACTS)/onnx/parity.json  ## serve the API on $(HOST):$(PORT
 # (for when one Locust process, one core, cannot generate the load; docs/LOADTESTS.md).
 LOADTEST_WORKERS ?= 0
 
-.PHONY: loadtest soak bench-serving
+.PHONY: loadtest soak bench-serving bench-reviews
 
 loadtest: install $(ARTIFACTS)/onnx/parity.json  ## Locust ladder (batching on/off, onnx/torch, int8/fp32) -> reports/loadtest/ (about 8 min; LOADTEST_WORKERS=N)
 	$(PYTHON) -m loadtests.run --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --workers $(LOADTEST_WORKERS) --out reports/loadtest
 
 bench-serving: install $(ARTIFACTS)/onnx/parity.json  ## HTTP: the serving engine vs adaptive batching (lone latency after a burst, /generate ladder, TTFT, abandoned requests) -> reports/serving/ (about 9 min)
 	$(PYTHON) -m loadtests.serving --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/serving
+
+bench-reviews: install $(ARTIFACTS)/onnx/parity.json  ## HTTP: /reviews as a pipeline vs in rounds (lone vs in-process, 1 and 16 clients, waste at min_positive 0.9) -> reports/reviews/ (about 6 min)
+	$(PYTHON) -m loadtests.reviews --artifacts $(ARTIFACTS) --out reports/reviews
 
 soak: install $(ARTIFACTS)/onnx/parity.json  ## 11 min of Locust at the saturation load, RSS of every server process -> reports/soak/ (about 12 min)
 	$(PYTHON) -m loadtests.soak --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/soak

@@ -157,8 +157,8 @@ class Completion(BaseModel):
     system_fingerprint: str = Field(description="seed-<the seed used>: send it back as seed to replay")
     choices: list[Choice]
     usage: Usage
-    reviews: dict | None = Field(None, description="extension, with min_positive: per prompt, complete and stats "
-                                 "as /reviews answers them")
+    reviews: dict = Field(default_factory=dict, description="extension, with min_positive: per prompt (its index "
+                          "as a string), complete and stats as /reviews answers them; else empty")
 
 
 class Model(BaseModel):

@@ -471,7 +471,7 @@ class Glowing:
                               choices=[oai.Choice(**choices[i]) for i in sorted(choices)],
                               usage=oai.Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens,
                                               total_tokens=prompt_tokens + tokens),
-                              reviews=reviews or None)
+                              reviews=reviews)
 
     def _prompt_tokens(self, prompt: str) -> int:
         """The prompt's length in the generator's tokens (its tokenizer.json, read once; 0 without one)."""
