@@ -14,8 +14,9 @@ that a call pads little, and calls hold at most ``max_rows`` rows.
 from __future__ import annotations
 
 import hashlib
+import asyncio
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 from glowing.runtime.sampling import SamplingSettings
 from service.schemas import GenerationItem
@@ -73,3 +74,43 @@ def decorator(max_batch_size: int, max_latency_ms: int) -> dict:
     if max_batch_size <= 1:
         return {}
     return {"batchable": True, "max_batch_size": max_batch_size, "max_latency_ms": max_latency_ms}
+
+
+class Coalesce:
+    """``await coalesce(texts)``: one call of ``call`` at a time, carrying every list that arrived while the
+    previous one ran (no wait when idle). /reviews scores each candidate as it ends; under load this
+    turns many one-text calls to the scorer service into a few larger ones."""
+
+    def __init__(self, call: Callable[[list], Awaitable[list]]):
+        self.call = call
+        self.pending: list[tuple[list, asyncio.Future]] = []
+        self.running = False
+
+    async def __call__(self, items: list) -> list:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((items, future))
+        if not self.running:
+            self.running = True
+            asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                taken, self.pending = [p for p in self.pending if not p[1].done()], []
+                if not taken:
+                    continue
+                try:
+                    results = await self.call([x for items, _ in taken for x in items])
+                except Exception as err:
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                start = 0
+                for items, future in taken:
+                    if not future.done():
+                        future.set_result(results[start:start + len(items)])
+                    start += len(items)
+        finally:
+            self.running = False

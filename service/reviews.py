@@ -164,16 +164,16 @@ class Pipeline:
         yield out
 
     def _plan(self) -> None:
-        """Launch a wave when fewer candidates are in flight than the missing reviews need."""
-        scored = [d for d in self._decided.values()]
+        """Launch a wave when at most half the candidates that the missing reviews need are in flight
+        (not one wave per rejection: each wave is a call to the generator)."""
+        scored = list(self._decided.values())
         passed = len({d[0] for d in scored if d is not None and d[1] >= self.min_positive})
         in_flight = self._launched - len(self._decided)
         if passed >= self.n or self._launched >= self._cut:
             return
-        wanted = round_size(self.n - passed, len(scored), passed, self._cut - self._launched, self.cap) - in_flight
-        count = min(wanted, self.cap - in_flight, self._cut - self._launched)
-        if count > 0 or (in_flight == 0 and self._launched < self._cut):
-            count = max(count, 1)
+        target = round_size(self.n - passed, len(scored), passed, self._cut - self._launched + in_flight, self.cap)
+        if in_flight == 0 or 2 * in_flight <= target:
+            count = max(1, min(target - in_flight, self.cap - in_flight, self._cut - self._launched))
             first, self._launched = self._launched, self._launched + count
             self._waves.append((first, count, asyncio.ensure_future(self._wave(first, count))))
 

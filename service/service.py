@@ -133,6 +133,7 @@ class Glowing:
         self.manifest = models.read_manifest(self.settings)
         self.metrics = metrics.get()
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
+        self._coalesce = None  # /reviews' scoring calls, one at a time (made on the first, in the event loop)
 
     @bentoml.on_deployment
     def preflight() -> None:
@@ -247,6 +248,12 @@ class Glowing:
         for i, (text, p) in enumerate(zip(texts, await self._scores(texts))):
             yield {"index": i, "text": text, "p_positive": p, "finish_reason": None}
 
+    async def _coalesced_scores(self, texts: list[str]) -> list[float]:
+        loop = asyncio.get_running_loop()
+        if self._coalesce is None or self._coalesce[0] is not loop:  # one per event loop (tests run several)
+            self._coalesce = (loop, batching.Coalesce(self._scores))
+        return await self._coalesce[1](texts)
+
     async def _score(self, texts: list[str]) -> schemas.ScoreResponse:
         scores = await self._scores(texts)
         return schemas.ScoreResponse(results=[schemas.Score(label=schemas.label(p), p_positive=p) for p in scores])
@@ -329,7 +336,7 @@ class Glowing:
             for i, (text, p) in enumerate(out.reviews):
                 yield {"index": i, "candidate": None, "text": text, "p_positive": p, "label": schemas.label(p)}
         else:
-            pipeline = Pipeline(self._candidates(request, seed, stop), self._scores, n=request["n"],
+            pipeline = Pipeline(self._candidates(request, seed, stop), self._coalesced_scores, n=request["n"],
                                 min_positive=request["min_positive"], max_candidates=request["max_candidates"],
                                 cap=self.settings.reviews_round_size)
             async with aclosing(pipeline.run()) as steps:

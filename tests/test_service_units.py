@@ -383,3 +383,21 @@ def test_the_pipeline_cancels_candidates_after_the_answer():
     (accepted, out), log = _pipeline(lambda t: 0.95, n=1, max_candidates=40, cap=8)
     assert [a.candidate for a in accepted] == [0] and out.complete
     assert out.candidates <= 8 and out.cancelled + len(set(log["scored"])) >= out.candidates - 1
+
+
+def test_coalesce_sends_what_arrived_meanwhile_in_one_call_in_order():
+    calls = []
+
+    async def score(texts):
+        calls.append(list(texts))
+        await asyncio.sleep(0.01)
+        return [len(t) for t in texts]
+
+    async def main():
+        c = batching.Coalesce(score)
+        first = asyncio.ensure_future(c(["a"]))
+        await asyncio.sleep(0.001)  # the first call is under way
+        return [await first, *await asyncio.gather(c(["bb", "ccc"]), c(["dddd"]))]
+
+    assert asyncio.run(main()) == [[1], [2, 3], [4]]
+    assert calls == [["a"], ["bb", "ccc", "dddd"]]  # the first alone (no wait), the rest together
