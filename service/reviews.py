@@ -26,6 +26,7 @@ from service.batching import derive_seed
 
 PRIOR_RATE = 0.5  # the acceptance rate assumed before anything was scored
 MIN_RATE = 0.1  # a round never plans for a rate below this: at most 10x the missing reviews
+PSEUDO = 2  # the pipeline's prior weighs as much as this many scored candidates
 
 GenerateRound = Callable[[int, int], Awaitable[list[str]]]  # (count, round seed) -> candidate texts
 Score = Callable[[list[str]], Awaitable[list[float]]]  # texts -> p_positive, in order
@@ -39,6 +40,8 @@ class Outcome:
     accepted: int = 0
     rounds: int = 0  # rounds, or the pipeline's waves
     cancelled: int = 0  # candidates cancelled before they ended (pipeline)
+    scored: int = 0  # candidates scored (pipeline)
+    passed: int = 0  # of which at or above min_positive, accepted or not (pipeline)
     tokens: int = 0  # tokens generated for all candidates
     wasted_tokens: int = 0  # of which for candidates that were rejected or cancelled
     elapsed_s: float = 0.0
@@ -112,6 +115,7 @@ class Pipeline:
     min_positive: float
     max_candidates: int
     cap: int
+    prior: float = PRIOR_RATE  # the acceptance rate expected before this request's first score
     out: Outcome = field(default_factory=Outcome)
 
     async def run(self) -> AsyncIterator[Accepted | Outcome]:
@@ -158,6 +162,8 @@ class Pipeline:
         out.accepted, out.complete = len(accepted), len(accepted) >= self.n
         out.candidates, out.rounds = self._launched, len(self._waves)
         out.cancelled = self._launched - len(self._decided)
+        out.scored = len(self._decided)
+        out.passed = sum(d is not None and d[1] >= self.min_positive for d in self._decided.values())
         out.tokens = sum(self._tokens.values())
         out.wasted_tokens = sum(t for i, t in self._tokens.items() if i not in kept)
         out.elapsed_s = time.perf_counter() - started
@@ -171,7 +177,10 @@ class Pipeline:
         in_flight = self._launched - len(self._decided)
         if passed >= self.n or self._launched >= self._cut:
             return
-        target = round_size(self.n - passed, len(scored), passed, self._cut - self._launched + in_flight, self.cap)
+        # the prior counts as PSEUDO candidates: one early rejection must not read as a rate of 0
+        rate = max((passed + self.prior * PSEUDO) / (len(scored) + PSEUDO), MIN_RATE)
+        need = self.n - passed
+        target = max(1, min(max(need, math.ceil(need / rate)), self.cap, self._cut - self._launched + in_flight))
         if in_flight == 0 or 2 * in_flight <= target:
             count = max(1, min(target - in_flight, self.cap - in_flight, self._cut - self._launched))
             first, self._launched = self._launched, self._launched + count

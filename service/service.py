@@ -24,7 +24,7 @@ from service import auth, batching, metrics, models, patches, schemas, store, st
 from service import openai_protocol as oai
 from service.disconnect import CancelOnDisconnect
 from service.errors import ApiError, Guard, from_exception
-from service.reviews import Accepted, Pipeline, collect_reviews
+from service.reviews import PRIOR_RATE, Accepted, Pipeline, collect_reviews
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("bentoml.glowing")
@@ -133,6 +133,7 @@ class Glowing:
         self.manifest = models.read_manifest(self.settings)
         self.metrics = metrics.get()
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
+        self._acceptance: dict[float, float] = {}  # min_positive (to 0.1) -> recent acceptance rate (/reviews)
         self._coalesce = None  # /reviews' scoring calls, one at a time (made on the first, in the event loop)
 
     @bentoml.on_deployment
@@ -336,9 +337,10 @@ class Glowing:
             for i, (text, p) in enumerate(out.reviews):
                 yield {"index": i, "candidate": None, "text": text, "p_positive": p, "label": schemas.label(p)}
         else:
+            bucket = round(request["min_positive"], 1)
             pipeline = Pipeline(self._candidates(request, seed, stop), self._coalesced_scores, n=request["n"],
                                 min_positive=request["min_positive"], max_candidates=request["max_candidates"],
-                                cap=self.settings.reviews_round_size)
+                                cap=self.settings.reviews_round_size, prior=self._acceptance.get(bucket, PRIOR_RATE))
             async with aclosing(pipeline.run()) as steps:
                 async for step in steps:
                     if isinstance(step, Accepted):
@@ -346,6 +348,9 @@ class Glowing:
                                "p_positive": step.p_positive, "label": schemas.label(step.p_positive),
                                "finish_reason": step.finish_reason}
             out = pipeline.out
+            if out.scored:  # what this server has seen at this threshold sizes the next request's first wave
+                seen = out.passed / out.scored
+                self._acceptance[bucket] = 0.8 * self._acceptance.get(bucket, seen) + 0.2 * seen
         self.metrics.reviews_candidates.observe(out.candidates)
         self.metrics.reviews_acceptance.observe(out.acceptance_rate)
         self.metrics.generated_total.inc(out.candidates)
