@@ -106,7 +106,7 @@ class Pipeline:
     ``n`` passing candidates in candidate order, which makes it a function of the seed alone: candidate
     ``i`` is settled once every candidate before it is scored. Candidates are launched in waves (one
     ``rows`` call each), enough in flight to expect the missing reviews at the acceptance rate seen so
-    far (``round_size``), at most ``cap`` in flight and ``max_candidates`` in all. Once ``n`` passing
+    far (smoothed with ``prior``), at most ``cap`` in flight and ``max_candidates`` in all. Once ``n`` passing
     candidates are known, those after the n-th cannot enter the answer: their waves are cancelled."""
 
     rows: Rows

@@ -220,3 +220,17 @@ def test_serving_benchmark_smoke_compares_both_modes(exported, export_data_dir, 
     assert summary["modes"]["engine"]["cancellation"]["running_rows_gauge"] == 0
     report = (out / "report.md").read_text()
     assert "| generate_8 |" in report and "| engine |" in report and "| 4 |" in report
+
+
+def test_reviews_benchmark_report_puts_both_modes_side_by_side():
+    from loadtests.reviews import markdown, parse_args
+
+    step = {"accepted_per_s": 10.0, "p50": 200.0, "p99": 400.0, "wasted_tokens_per_accepted": 30.0}
+    modes = {"rounds": {"lone": {"p50": 300.0}, "ladder": [step, step], "strict": step},
+             "pipeline": {"lone": {"p50": 150.0}, "ladder": [step, {**step, "accepted_per_s": 20.0}], "strict": step}}
+    report = markdown({"command": "python -m loadtests.reviews", "machine": {"cpu": "x"}, "users": [1, 16],
+                       "modes": modes, "in_process_ms": {"rounds": 100.0, "pipeline": 100.0},
+                       "floor_ratio": {"rounds": 3.0, "pipeline": 1.5}})
+    assert "| 16 clients: accepted reviews/s | 10.0 | 20.0 | 2.0 |" in report
+    assert "| lone /reviews n 3, p50 ms | 300.0 | 150.0 | 0.5 |" in report and "pipeline 100.0" in report
+    assert parse_args(["--smoke"]).user_list == [1, 4]
