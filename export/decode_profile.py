@@ -174,8 +174,8 @@ def markdown(profiles: list[dict[str, Any]]) -> str:
     names = {"ort_run": "ORT session.run", "around_ort_run": "feeds + logits copy",
              "cache_select_concat": "KV select/concat", "sampling": "sampling (numpy)",
              "python_loop_rest": "rest of the loop"}
-    lines = ["Where our loop's time goes (`Generator.generate_ids`, ORT fp32, one timed call; ms per decoding "
-             "step, share of the call):", "",
+    lines = ["Where our loop's time goes (`Generator.generate_ids`, ORT fp32, one call, wall clock; ms per "
+             "decoding step, share of the call):", "",
              "| batch | steps | " + " | ".join(names.values()) + " | KV cache written/step | detokenize/token "
              "(batch / streaming) |", "|---" * (len(names) + 4) + "|"]
     for p in profiles:
