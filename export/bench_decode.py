@@ -23,8 +23,9 @@ agreement printed (identical rows: the conversion kept the weights; a mismatch i
 fatal). After it, a profile of our loop at batch 8 and 32: time in the ONNX Runtime call (and
 inside it, by operator type, from ORT's own profiler), around it (feeds, logits copy), in KV-cache
 select/concat, in sampling, the rest of the Python loop, and what detokenizing costs. Writes
-OUT/bench_decode.json (raw passes too) and OUT/bench_decode.md, and prints both tables. The cpu preset (4 x 192, vocab 8192) on a 2-core AMD EPYC under a load average of 8:
-about 8 min (HF generate at 2 threads is most of it: ``--no-hf``), 2.5 min with ``--threads 1
+OUT/bench_decode.json (raw passes too) and OUT/bench_decode.md, and prints both tables.
+
+The cpu preset (4 x 192, vocab 8192) on a 2-core AMD EPYC under a load average of 8: about 8 min (HF generate at 2 threads is most of it: ``--no-hf``), 2.5 min with ``--threads 1
 --clock cpu``; there CTranslate2 fp32 made 2.6-2.7x our loop's tokens per CPU second at batch 1
 and 8, 1.45x at batch 32, and CTranslate2 int8 1.8-2.2x CTranslate2 fp32 (README, "Decoding
 benchmark").
