@@ -25,10 +25,10 @@ inside it, by operator type, from ORT's own profiler), around it (feeds, logits 
 select/concat, in sampling, the rest of the Python loop, and what detokenizing costs. Writes
 OUT/bench_decode.json (raw passes too) and OUT/bench_decode.md, and prints both tables.
 
-The cpu preset (4 x 192, vocab 8192) on a 2-core AMD EPYC under a load average of 8: about 8 min (HF generate at 2 threads is most of it: ``--no-hf``), 2.5 min with ``--threads 1
---clock cpu``; there CTranslate2 fp32 made 2.6-2.7x our loop's tokens per CPU second at batch 1
-and 8, 1.45x at batch 32, and CTranslate2 int8 1.8-2.2x CTranslate2 fp32 (README, "Decoding
-benchmark").
+The cpu preset (4 x 192, vocab 8192) on a 2-core AMD EPYC under a load average of 8: about 8 min
+(HF generate at 2 threads is most of it: ``--no-hf``), 2.5 min with ``--threads 1 --clock cpu``;
+there CTranslate2 fp32 made 2.6-2.7x our loop's tokens per CPU second at batch 1 and 8, 1.45x at
+batch 32, and CTranslate2 int8 1.8-2.2x CTranslate2 fp32 (README, "Decoding benchmark").
 """
 
 from __future__ import annotations
