@@ -42,7 +42,7 @@ import numpy as np
 from export.bench import machine, race
 from glowing import artifacts as A
 from glowing import logs
-from glowing.runtime import ModelFileError, ScoreQueue, load_scorer
+from glowing.runtime import ModelFileError, ScoreQueue, load_scorer, plan_calls
 
 log = logging.getLogger("export.bench_scoring")
 REQUEST = 16
@@ -151,10 +151,26 @@ def fit_cost_model(model_dir: Path, texts: list[str], threads: int | None, repea
     x = np.stack([np.ones_like(rows), rows * length, rows * length ** 2], axis=1)
     (c0, a, b), *_ = np.linalg.lstsq(x / seconds[:, None], np.ones_like(seconds), rcond=None)
     error = np.abs(x @ [c0, a, b] / seconds - 1)
+    fitted = {"call_overhead": max(c0 / a, 0.0), "attention_span": a / b if b > 0 else float("inf")}
     return {"seconds_per_call": {f"{r}x{n}": s for (r, n), s in zip(cells, seconds)},
-            "c0_s": c0, "a_s_per_position": a, "b_s": b, "call_overhead_positions": c0 / a,
-            "attention_span": a / b if b > 0 else float("inf"),
-            "fit_median_error": float(np.median(error)), "fit_max_error": float(error.max())}
+            "c0_s": c0, "a_s_per_position": a, "b_s": b, "call_overhead_positions": fitted["call_overhead"],
+            "attention_span": fitted["attention_span"],
+            "fit_median_error": float(np.median(error)), "fit_max_error": float(error.max()),
+            "default_plan_excess": default_plan_excess([len(x) for x in scorer.encode(texts)], scorer, fitted)}
+
+
+def default_plan_excess(lengths: list[int], scorer, fitted: dict[str, float]) -> float:
+    """How much more the default constants' plans of arrival-order requests of 16 cost than the
+    plans made with the constants fitted here, both priced by the fitted model."""
+    def cost(calls):
+        return sum(fitted["call_overhead"] + len(c) * (w := max(lengths[i] for i in c)) * (1 + w / fitted["attention_span"])
+                   for c in calls)
+
+    def plans(**constants):
+        return [[s + i for i in call] for s in range(0, len(lengths), REQUEST)
+                for call in plan_calls(lengths[s : s + REQUEST], scorer.batch_size, scorer.max_batch_tokens, **constants)]
+
+    return cost(plans()) / cost(plans(**fitted)) - 1
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -187,7 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"\nCall cost fit (fp32): c0 {f['c0_s'] * 1e6:.0f} us, {f['a_s_per_position'] * 1e6:.2f} us per "
                      f"position, attention term b {f['b_s'] * 1e9:.2f} ns; call overhead = "
                      f"{f['call_overhead_positions']:.0f} positions, attention span = {f['attention_span']:.0f}; "
-                     f"fit error median {f['fit_median_error']:.1%}, max {f['fit_max_error']:.1%}.")
+                     f"fit error median {f['fit_median_error']:.1%}, max {f['fit_max_error']:.1%}. The default "
+                     f"constants' plans cost {f['default_plan_excess']:.2%} more than this fit's, priced by it.")
     return "\n".join(lines) + "\n"
 
 
