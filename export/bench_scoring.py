@@ -18,7 +18,9 @@ P(positive) out, tokenization included) in ms per text, grouped six ways:
 Rows for fp32, int8 (one text per call: its served rule; the planner row is for reference only,
 int8 scores move with their batch partners, by the figure printed) and fp16 (the GPU format, on
 CPU here). Each figure is the median of ``--repeats`` passes, contenders taking turns within each
-repeat. Padding share: 1 - real tokens / padded positions, over a pass and per model call.
+repeat; "paired" is the median over repeats of a pass's time over the length-sorted pass of the
+same repeat (load that comes and goes hits both). Padding share: 1 - real tokens / padded
+positions, over a pass and per model call.
 ``--fit`` also times model calls over a grid of rows x padded length and fits
 ``cost = c0 + a x positions + b x rows x length^2``: the planner's ``CALL_OVERHEAD`` is c0/a,
 its ``ATTENTION_SPAN`` a/b. Writes OUT/bench_scoring.json (raw passes too) and .md; prints the
@@ -117,6 +119,10 @@ def bench_precision(model_dir: Path, precision: str, texts: list[str], repeats: 
     rates = race(work, repeats, clock)
     rows = {name: {"ms_per_text": 1000 / rates[name], "raw_ms_per_text": [1000 / r for r in rates["raw"][name]],
                    **padding(calls[name])} for name in work}
+    if SORTED in rows:  # the ratio within each round, where other load hit both alike; its median
+        for row in rows.values():
+            row["paired_vs_sorted"] = statistics.median(
+                a / b for a, b in zip(row["raw_ms_per_text"], rows[SORTED]["raw_ms_per_text"]))
     out = {"precision": precision, "info": scorer.info(), "rows": rows,
            "tokens": {"mean": statistics.mean(lengths), "median": statistics.median(lengths),
                       "at_max_length": sum(x >= scorer.max_length for x in lengths)}}
@@ -179,14 +185,16 @@ def markdown(report: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
              f"Command: `{report['command']}`; median of {report['repeats']} passes, contenders alternating; "
              f"{report['texts']} payload texts ({report['source']}).", "",
-             "| precision | grouping | ms/text | vs length-sorted 16 (fp32) | calls | rows/call | padding | "
-             "padding per call: median / p90 / max |", "|---|---|---|---|---|---|---|---|"]
+             "| precision | grouping | ms/text | vs length-sorted 16 (fp32) | paired vs length-sorted 16 | calls | "
+             "rows/call | padding | padding per call: median / p90 / max |", "|---|---|---|---|---|---|---|---|---|"]
     first = report["precisions"][0]["rows"]
     reference = first.get(SORTED, first.get(ONE))["ms_per_text"]
     for result in report["precisions"]:
         for name, row in result["rows"].items():
             lines.append(f"| {result['precision']} | {name} | {row['ms_per_text']:.2f} | "
-                         f"{row['ms_per_text'] / reference:.2f}x | {row['calls']} | {row['mean_rows']:.1f} | "
+                         f"{row['ms_per_text'] / reference:.2f}x | "
+                         + (f"{row['paired_vs_sorted']:.2f}x" if "paired_vs_sorted" in row else "-")
+                         + f" | {row['calls']} | {row['mean_rows']:.1f} | "
                          f"{row['padding_share']:.1%} | {row['call_padding_median']:.1%} / "
                          f"{row['call_padding_p90']:.1%} / {row['call_padding_max']:.1%} |")
     for result in report["precisions"]:
