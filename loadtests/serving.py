@@ -181,12 +181,14 @@ async def cancellation(server: Server, client: Client, heavy: int) -> dict:
 def in_process(artifacts: Path, repeats: int) -> dict[str, float]:
     """The same lone calls without HTTP: generate (then score the text), and score."""
     from glowing.runtime import SamplingSettings, load_generator, load_scorer
+    from service.batching import derive_seed  # the seed the API gives row 0 of GEN_BODY: the same tokens
 
     gen = load_generator(artifacts / "onnx" / "generator", "onnx", "cpu")
     scorer = load_scorer(artifacts / "onnx" / "classifier", "onnx", "cpu")
     out = {}
     for tokens in (8, 48):
-        settings = SamplingSettings(max_new_tokens=tokens, temperature=1.0, top_p=0.95, top_k=50, seed=1)
+        settings = SamplingSettings(max_new_tokens=tokens, temperature=1.0, top_p=0.95, top_k=50,
+                                    seed=derive_seed(GEN_BODY["seed"], 0))
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
