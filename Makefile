@@ -15,13 +15,13 @@ GENERATOR ?= finetuned
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed  ## create .venv: torch==2.13.0 first, then the project with its cpu, rl and dev extras
+install: $(VENV)/.installed  ## create .venv: torch==2.13.0 first, then the project with its cpu, rl, dev and bench extras
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[cpu,rl,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[cpu,rl,dev,bench]"
 	touch $@
 
 test: install  ## run the test suite (offline, tiny models)
@@ -39,8 +39,9 @@ clean-models:  ## delete $(ARTIFACTS)/
 export: install  ## export $(ARTIFACTS)/ to ONNX (fp32, int8, fp16) with parity checks, into $(ARTIFACTS)/onnx/ (GENERATOR=finetuned|rl)
 	$(PYTHON) -m export --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --generator $(GENERATOR)
 
-bench: install  ## CPU benchmark PyTorch vs ONNX Runtime on $(ARTIFACTS)/ -> reports/bench/
+bench: install  ## CPU benchmarks: PyTorch vs ONNX Runtime, then decoding (our loop, the engine, CTranslate2) on $(ARTIFACTS)/ -> reports/bench/
 	$(PYTHON) -m export.bench --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench
+	$(PYTHON) -m export.bench_decode --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench
 
 bench-scoring: install  ## how /score texts are grouped into classifier calls, in ms/text (fp32, int8, fp16) -> reports/bench/
 	$(PYTHON) -m export.bench_scoring --artifacts $(ARTIFACTS) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out reports/bench

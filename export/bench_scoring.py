@@ -18,7 +18,9 @@ P(positive) out, tokenization included) in ms per text, grouped six ways:
 Rows for fp32, int8 (one text per call: its served rule; the planner row is for reference only,
 int8 scores move with their batch partners, by the figure printed) and fp16 (the GPU format, on
 CPU here). Each figure is the median of ``--repeats`` passes, contenders taking turns within each
-repeat. Padding share: 1 - real tokens / padded positions, over a pass and per model call.
+repeat; "paired" is the median over repeats of a pass's time over the length-sorted pass of the
+same repeat (load that comes and goes hits both). Padding share: 1 - real tokens / padded
+positions, over a pass and per model call.
 ``--fit`` also times model calls over a grid of rows x padded length and fits
 ``cost = c0 + a x positions + b x rows x length^2``: the planner's ``CALL_OVERHEAD`` is c0/a,
 its ``ATTENTION_SPAN`` a/b. Writes OUT/bench_scoring.json (raw passes too) and .md; prints the
@@ -42,7 +44,7 @@ import numpy as np
 from export.bench import machine, race
 from glowing import artifacts as A
 from glowing import logs
-from glowing.runtime import ModelFileError, ScoreQueue, load_scorer
+from glowing.runtime import ModelFileError, ScoreQueue, load_scorer, plan_calls
 
 log = logging.getLogger("export.bench_scoring")
 REQUEST = 16
@@ -117,6 +119,10 @@ def bench_precision(model_dir: Path, precision: str, texts: list[str], repeats: 
     rates = race(work, repeats, clock)
     rows = {name: {"ms_per_text": 1000 / rates[name], "raw_ms_per_text": [1000 / r for r in rates["raw"][name]],
                    **padding(calls[name])} for name in work}
+    if SORTED in rows:  # the ratio within each round, where other load hit both alike; its median
+        for row in rows.values():
+            row["paired_vs_sorted"] = statistics.median(
+                a / b for a, b in zip(row["raw_ms_per_text"], rows[SORTED]["raw_ms_per_text"]))
     out = {"precision": precision, "info": scorer.info(), "rows": rows,
            "tokens": {"mean": statistics.mean(lengths), "median": statistics.median(lengths),
                       "at_max_length": sum(x >= scorer.max_length for x in lengths)}}
@@ -151,10 +157,26 @@ def fit_cost_model(model_dir: Path, texts: list[str], threads: int | None, repea
     x = np.stack([np.ones_like(rows), rows * length, rows * length ** 2], axis=1)
     (c0, a, b), *_ = np.linalg.lstsq(x / seconds[:, None], np.ones_like(seconds), rcond=None)
     error = np.abs(x @ [c0, a, b] / seconds - 1)
+    fitted = {"call_overhead": max(c0 / a, 0.0), "attention_span": a / b if b > 0 else float("inf")}
     return {"seconds_per_call": {f"{r}x{n}": s for (r, n), s in zip(cells, seconds)},
-            "c0_s": c0, "a_s_per_position": a, "b_s": b, "call_overhead_positions": c0 / a,
-            "attention_span": a / b if b > 0 else float("inf"),
-            "fit_median_error": float(np.median(error)), "fit_max_error": float(error.max())}
+            "c0_s": c0, "a_s_per_position": a, "b_s": b, "call_overhead_positions": fitted["call_overhead"],
+            "attention_span": fitted["attention_span"],
+            "fit_median_error": float(np.median(error)), "fit_max_error": float(error.max()),
+            "default_plan_excess": default_plan_excess([len(x) for x in scorer.encode(texts)], scorer, fitted)}
+
+
+def default_plan_excess(lengths: list[int], scorer, fitted: dict[str, float]) -> float:
+    """How much more the default constants' plans of arrival-order requests of 16 cost than the
+    plans made with the constants fitted here, both priced by the fitted model."""
+    def cost(calls):
+        return sum(fitted["call_overhead"] + len(c) * (w := max(lengths[i] for i in c)) * (1 + w / fitted["attention_span"])
+                   for c in calls)
+
+    def plans(**constants):
+        return [[s + i for i in call] for s in range(0, len(lengths), REQUEST)
+                for call in plan_calls(lengths[s : s + REQUEST], scorer.batch_size, scorer.max_batch_tokens, **constants)]
+
+    return cost(plans()) / cost(plans(**fitted)) - 1
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -163,14 +185,16 @@ def markdown(report: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
              f"Command: `{report['command']}`; median of {report['repeats']} passes, contenders alternating; "
              f"{report['texts']} payload texts ({report['source']}).", "",
-             "| precision | grouping | ms/text | vs length-sorted 16 (fp32) | calls | rows/call | padding | "
-             "padding per call: median / p90 / max |", "|---|---|---|---|---|---|---|---|"]
+             "| precision | grouping | ms/text | vs length-sorted 16 (fp32) | paired vs length-sorted 16 | calls | "
+             "rows/call | padding | padding per call: median / p90 / max |", "|---|---|---|---|---|---|---|---|---|"]
     first = report["precisions"][0]["rows"]
     reference = first.get(SORTED, first.get(ONE))["ms_per_text"]
     for result in report["precisions"]:
         for name, row in result["rows"].items():
             lines.append(f"| {result['precision']} | {name} | {row['ms_per_text']:.2f} | "
-                         f"{row['ms_per_text'] / reference:.2f}x | {row['calls']} | {row['mean_rows']:.1f} | "
+                         f"{row['ms_per_text'] / reference:.2f}x | "
+                         + (f"{row['paired_vs_sorted']:.2f}x" if "paired_vs_sorted" in row else "-")
+                         + f" | {row['calls']} | {row['mean_rows']:.1f} | "
                          f"{row['padding_share']:.1%} | {row['call_padding_median']:.1%} / "
                          f"{row['call_padding_p90']:.1%} / {row['call_padding_max']:.1%} |")
     for result in report["precisions"]:
@@ -187,7 +211,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"\nCall cost fit (fp32): c0 {f['c0_s'] * 1e6:.0f} us, {f['a_s_per_position'] * 1e6:.2f} us per "
                      f"position, attention term b {f['b_s'] * 1e9:.2f} ns; call overhead = "
                      f"{f['call_overhead_positions']:.0f} positions, attention span = {f['attention_span']:.0f}; "
-                     f"fit error median {f['fit_median_error']:.1%}, max {f['fit_max_error']:.1%}.")
+                     f"fit error median {f['fit_median_error']:.1%}, max {f['fit_max_error']:.1%}. The default "
+                     f"constants' plans cost {f['default_plan_excess']:.2%} more than this fit's, priced by it.")
     return "\n".join(lines) + "\n"
 
 

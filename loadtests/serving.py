@@ -5,7 +5,8 @@
 
 For each mode (``GLOWING_BATCHING=adaptive``: BentoML's adaptive batching, the old path; ``engine``: the
 iteration-level engine and the zero-wait scoring queue) it starts ``bentoml serve`` on a free loopback
-port and measures, over HTTP, from one asyncio client process (aiohttp):
+port, all at once, and measures over HTTP from one asyncio client process (aiohttp), the modes taking
+turns part by part and ladder step by ladder step (an idle server costs nothing):
 
 1. **Lone requests** (one at a time, medians of ``--lone`` each): ``/generate`` of 8 and of 48 new
    tokens and ``/score`` of one short text; before and after a ``--burst``-second burst of 32
@@ -181,12 +182,14 @@ async def cancellation(server: Server, client: Client, heavy: int) -> dict:
 def in_process(artifacts: Path, repeats: int) -> dict[str, float]:
     """The same lone calls without HTTP: generate (then score the text), and score."""
     from glowing.runtime import SamplingSettings, load_generator, load_scorer
+    from service.batching import derive_seed  # the seed the API gives row 0 of GEN_BODY: the same tokens
 
     gen = load_generator(artifacts / "onnx" / "generator", "onnx", "cpu")
     scorer = load_scorer(artifacts / "onnx" / "classifier", "onnx", "cpu")
     out = {}
     for tokens in (8, 48):
-        settings = SamplingSettings(max_new_tokens=tokens, temperature=1.0, top_p=0.95, top_k=50, seed=1)
+        settings = SamplingSettings(max_new_tokens=tokens, temperature=1.0, top_p=0.95, top_k=50,
+                                    seed=derive_seed(GEN_BODY["seed"], 0))
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -203,43 +206,49 @@ def in_process(artifacts: Path, repeats: int) -> dict[str, float]:
     return out
 
 
-async def measure(server: Server, args: argparse.Namespace, texts: list[str], mode: str) -> dict:
-    client = Client(server.url, server.headers)
+async def measure(servers: dict[str, Server], args: argparse.Namespace, texts: list[str]) -> dict:
+    """Every part for every mode, the modes alternating part by part (ladder: step by step), so that
+    load from elsewhere on a shared machine falls on both alike."""
+    clients = {mode: Client(srv.url, srv.headers) for mode, srv in servers.items()}
+    results: dict[str, dict] = {mode: {"ladder": [], "stream": []} for mode in servers}
     try:
-        for _ in range(3):  # warm-up: first connections, first calls
-            await client.post("/generate", {**GEN_BODY, "max_new_tokens": 8})
-            await client.post("/score", {"texts": [SHORT_TEXT]})
-        before = await lone(client, args.lone)
-        print(f"  lone before: {before}", flush=True)
+        for client in clients.values():
+            for _ in range(3):  # warm-up: first connections, first calls
+                await client.post("/generate", {**GEN_BODY, "max_new_tokens": 8})
+                await client.post("/score", {"texts": [SHORT_TEXT]})
+        for mode, client in clients.items():
+            results[mode]["lone_before"] = await lone(client, args.lone)
+            print(f"[{mode}] lone before: {results[mode]['lone_before']}", flush=True)
 
         def burst_body(rng: random.Random) -> tuple[str, dict]:
             if rng.random() < 0.5:
                 return generate_body(rng)
             return "/score", {"texts": [rng.choice(texts)]}
 
-        burst = await closed_loop(client, 32, args.burst, burst_body)
-        after = await lone(client, args.lone)
-        print(f"  burst {burst['rps']} req/s; lone after: {after}", flush=True)
-        ladder, streamed = [], []
-        for users in args.user_list:
-            step = await closed_loop(client, users, args.duration, generate_body)
-            ladder.append(step)
-            print(f"  /generate {users:>3} clients: {step['rps']} req/s, p50 {step['p50']} ms, p99 {step['p99']} ms, "
-                  f"{step['failures']} failed", flush=True)
-        for users in args.user_list:
-            step = await closed_loop(client, users, args.duration, generate_body, streaming=True)
-            streamed.append(step)
-            print(f"  stream    {users:>3} clients: {step['rps']} req/s, TTFT p50 {step['ttft_p50']} ms, "
-                  f"p99 {step['ttft_p99']} ms", flush=True)
-        cancel = await cancellation(server, client, args.heavy)
-        if mode != "engine":
-            cancel["running_rows_gauge"] = None  # no engine: the gauge is never set
-        print(f"  cancellation: idle after {cancel['idle_after_s']} s, {cancel['cpu_s_after_leaving']} CPU-s after "
-              f"the clients left, running rows {cancel['running_rows_gauge']}", flush=True)
-        return {"lone_before": before, "burst": burst, "lone_after": after, "ladder": ladder, "stream": streamed,
-                "cancellation": cancel}
+        for mode, client in clients.items():
+            results[mode]["burst"] = await closed_loop(client, 32, args.burst, burst_body)
+            results[mode]["lone_after"] = await lone(client, args.lone)
+            print(f"[{mode}] burst {results[mode]['burst']['rps']} req/s; lone after: {results[mode]['lone_after']}",
+                  flush=True)
+        for streaming, key in ((False, "ladder"), (True, "stream")):
+            for users in args.user_list:
+                for mode, client in clients.items():
+                    step = await closed_loop(client, users, args.duration, generate_body, streaming=streaming)
+                    results[mode][key].append(step)
+                    print(f"[{mode}] {'stream' if streaming else '/generate':<9} {users:>3} clients: {step['rps']} req/s, "
+                          f"p50 {step['p50']} ms, p99 {step['p99']} ms, TTFT p50 {step['ttft_p50']} ms, "
+                          f"{step['failures']} failed", flush=True)
+        for mode, client in clients.items():
+            cancel = await cancellation(servers[mode], client, args.heavy)
+            if mode != "engine":
+                cancel["running_rows_gauge"] = None  # no engine: the gauge is never set
+            results[mode]["cancellation"] = cancel
+            print(f"[{mode}] cancellation: idle after {cancel['idle_after_s']} s, {cancel['cpu_s_after_leaving']} "
+                  f"CPU-s after the clients left, running rows {cancel['running_rows_gauge']}", flush=True)
+        return results
     finally:
-        await client.close()
+        for client in clients.values():
+            await client.close()
 
 
 def compare(results: dict, floor: dict) -> dict:
@@ -362,15 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     floor = in_process(args.artifacts, args.lone)
     print(f"in-process (ms): {floor}", flush=True)
-    results = {}
-    for mode in args.mode_list:
-        server = Server(args.artifacts.resolve(), args.out / f"{mode}_serve.log",
-                        {**MODES[mode], "GLOWING_MAX_CONCURRENCY": "256", "GLOWING_MAX_N": "16",
-                         "GLOWING_MAX_CANDIDATES": "128"})
-        try:
+    servers = {}
+    try:
+        for mode in args.mode_list:  # all up at once: the modes alternate, part by part
+            servers[mode] = Server(args.artifacts.resolve(), args.out / f"{mode}_serve.log",
+                                   {**MODES[mode], "GLOWING_MAX_CONCURRENCY": "256", "GLOWING_MAX_N": "16",
+                                    "GLOWING_MAX_CANDIDATES": "128"})
+        for mode, server in servers.items():
             print(f"[{mode}] ready after {server.wait_ready():.1f} s on {server.url}", flush=True)
-            results[mode] = asyncio.run(measure(server, args, texts, mode))
-        finally:
+        results = asyncio.run(measure(servers, args, texts))
+    finally:
+        for server in servers.values():
             server.stop()
     summary = {"machine": machine(), "command": "python -m loadtests.serving " + " ".join(
                    argv if argv is not None else sys.argv[1:]),

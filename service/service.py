@@ -260,13 +260,10 @@ class Glowing:
         return schemas.ScoreResponse(results=[schemas.Score(label=schemas.label(p), p_positive=p) for p in scores])
 
     async def _generate(self, request: dict) -> schemas.GenerateResponse:
-        seed = _seed(request)
-        reviews: list[schemas.Review | None] = [None] * request["n"]
-        async with aclosing(self._events(request, seed, deltas=False)) as events:
-            async for event in events:
-                if "text" in event:
-                    reviews[event["index"]] = _review(event["text"], event["p_positive"])
-        return schemas.GenerateResponse(seed=seed, reviews=reviews)
+        seed = _seed(request)  # nobody waits for a row before the last: one scoring call for all of them
+        texts = await self._continuations(request, request["n"], seed)
+        scores = await self._scores(texts)
+        return schemas.GenerateResponse(seed=seed, reviews=[_review(t, p) for t, p in zip(texts, scores)])
 
     async def _stream(self, request: dict):
         seed = _seed(request)

@@ -83,27 +83,32 @@ async def scored_rows(events: AsyncIterator[list], prompt: str, n: int,
     texts, tokens = [""] * n, [0] * n
     finals = 0
 
-    async def finish(index: int, reason: str) -> None:
-        text = prompt + texts[index]
-        [p] = await score([text])
-        out.put_nowait({"index": index, "text": text, "p_positive": p, "finish_reason": reason, "tokens": tokens[index]})
+    async def finish(ended: list[tuple[int, str]]) -> None:  # the rows that ended in one step, scored together
+        done = [(index, prompt + texts[index], reason) for index, reason in ended]
+        for (index, text, reason), p in zip(done, await score([text for _, text, _ in done]), strict=True):
+            out.put_nowait({"index": index, "text": text, "p_positive": p, "finish_reason": reason,
+                            "tokens": tokens[index]})
 
     async def produce() -> None:
-        scoring = []
+        scoring, finished = [], 0
         try:
             async with aclosing(events) as rows:
                 async for step in rows:
                     if isinstance(step, dict):  # {"error": ...}: the generator failed these rows
                         raise GeneratorFailed(step.get("error", "the generator failed"))
+                    ended = []
                     for index, delta, reason, *count in step:
                         tokens[index] = count[0] if count else tokens[index]
                         if delta:
                             texts[index] += delta
                             out.put_nowait({"index": index, "delta": delta})
                         if reason is not None:
-                            scoring.append(asyncio.ensure_future(finish(index, reason)))
-            if len(scoring) < n:
-                raise GeneratorFailed(f"the generator's stream ended after {len(scoring)} of {n} rows")
+                            ended.append((index, reason))
+                    if ended:
+                        finished += len(ended)
+                        scoring.append(asyncio.ensure_future(finish(ended)))
+            if finished < n:
+                raise GeneratorFailed(f"the generator's stream ended after {finished} of {n} rows")
             await asyncio.gather(*scoring)
         finally:
             for task in scoring:

@@ -22,12 +22,13 @@ Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
 OnCall = Callable[[int, int, int], None]  # rows, padded positions (rows x longest), real tokens
 HEAD_CHARS_PER_TOKEN = 8  # generous: English BPE tokens average 4-5 characters
 HEAD_MARGIN = 4  # tokens past max_length that a cut head must still produce
-# The planner's cost model, in positions: what a model call costs beyond its positions, and the
-# length at which attention doubles a position's cost. Fitted on the cpu-preset classifier with
-# `python -m export.bench_scoring --fit` (figures in the README); plans change little if either is
-# off by a factor of two.
+# The planner's cost model, in positions: what a model call costs beyond the positions it computes,
+# and the padded length at which attention doubles a position's cost. Fitted to timed calls of the
+# cpu-preset classifier on this kind of machine (`python -m export.bench_scoring --fit`; README,
+# "Length-aware scoring calls"). With either off by a factor of two, the plans of the load test's
+# texts cost under 1% more under the true figures.
 CALL_OVERHEAD = 16
-ATTENTION_SPAN = 1024
+ATTENTION_SPAN = 512
 # Padded positions per model call by default (TEI's max_batch_tokens, counted as padded models count)
 MAX_BATCH_TOKENS = 8192
 

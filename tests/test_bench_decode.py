@@ -1,0 +1,67 @@
+"""``python -m export.bench_decode --smoke`` on the exported tiny generator: it runs, writes its report
+and profile, and (where ctranslate2 is installed) converts the model and agrees with our greedy tokens."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+
+import pytest
+
+from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def smoke(exported, export_data_dir, tmp_path_factory):
+    from export.bench_decode import main
+
+    out = tmp_path_factory.mktemp("bench-decode")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--artifacts", str(exported), "--data-dir", str(export_data_dir), "--out", str(out),
+                     "--smoke"]) == 0
+    return out, json.loads((out / "bench_decode.json").read_text()), printed.getvalue()
+
+
+def test_smoke_run_writes_the_table_and_the_profile(smoke):
+    out, report, printed = smoke
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["ORT loop"] > 0 and row["engine"] > 0 and row["HF generate"] > 0
+        assert 0 < row["new_tokens_per_row"]["ORT loop"] <= 8
+        assert row["new_tokens_per_row"]["HF generate"] == 8  # forced to the full count
+    assert report["greedy"]["HF generate"]["identical"] == report["greedy"]["prompts"]
+    [profile] = report["profile"]
+    assert profile["batch"] == 2 and profile["steps"] >= 1
+    assert sum(profile["share"].values()) == pytest.approx(1.0)
+    assert profile["ort_ops"]["op_share_of_kernels"]  # ORT's profiler saw the decoding steps
+    table = (out / "bench_decode.md").read_text()
+    assert "| batch | ORT loop | engine |" in table and "Where our loop's time goes" in table
+    assert table in printed
+
+
+def test_ctranslate2_converts_the_model_and_agrees_with_ours(smoke):
+    _, report, printed = smoke
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        assert "pip install -e '.[bench]'" in printed and "CT2 fp32" not in report["rows"][0]
+        pytest.skip("ctranslate2 is not installed (pip install -e '.[bench]'): only the skip message was checked")
+    assert report["greedy"]["CT2 fp32"]["identical"] == report["greedy"]["prompts"]
+    for row in report["rows"]:
+        assert row["CT2 fp32"] > 0 and row["CT2 int8"] > 0
+        assert row["new_tokens_per_row"]["CT2 fp32"] == 8  # min_length = max_length
+
+
+def test_without_ctranslate2_the_ct2_rows_are_skipped_with_the_install_command(exported, export_data_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    from export.bench_decode import main
+
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` now fails
+    assert main(["--artifacts", str(exported), "--data-dir", str(export_data_dir), "--out", str(tmp_path),
+                 "--smoke", "--no-hf", "--no-profile"]) == 0
+    assert "pip install -e '.[bench]'" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert report["ctranslate2"] is None and [n for n in report["rows"][0] if n.startswith("CT2")] == []
