@@ -90,8 +90,8 @@ def test_reviews_complete_and_out_of_budget(server):
     assert done.status_code == 200
     body = done.json()
     assert body["complete"] and len(body["reviews"]) == 2
-    assert set(body["stats"]) == {"candidates", "accepted", "rounds", "acceptance_rate", "elapsed_ms", "cancelled",
-                                  "wasted_tokens"}
+    assert set(body["stats"]) == {"candidates", "accepted", "rounds", "acceptance_rate", "elapsed_ms", "tokens",
+                                  "cancelled", "wasted_tokens"}
     short = server.post("/reviews", {**SAMPLING, "n": 2, "min_positive": 1.0, "max_candidates": 5, "seed": 3})
     assert short.status_code == 200
     assert short.json()["complete"] is False and short.json()["stats"]["candidates"] == 5
