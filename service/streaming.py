@@ -40,12 +40,12 @@ async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[S
     """The generator service's side: the engine's updates as text-delta lines. Without ``deltas``
     (nobody reads tokens as they come) a row's whole text is its one event, when it ends."""
     detok = [IncrementalDetokenizer(tokenizer) for _ in rows]
-    async with aclosing(engine.generate(prompt, rows)) as steps:
+    async with aclosing(engine.generate(prompt, rows, stream=deltas)) as steps:
         async for updates in steps:
             events = []
             for u in updates:
-                if not deltas and u.token is not None:
-                    detok[u.index].ids.append(u.token)
+                if u.tokens is not None:  # not streamed: the row's tokens come with its end
+                    detok[u.index].ids.extend(u.tokens)
                     delta = ""
                 else:
                     delta = detok[u.index].add(u.token) if u.token is not None else ""
