@@ -153,7 +153,8 @@ def engine(generator, settings: Settings, observer):
     from glowing.runtime.engine import Engine
 
     eng = Engine(generator, max_rows=settings.engine_max_rows, max_step_tokens=settings.engine_max_step_tokens,
-                 max_waiting=settings.engine_max_waiting, observer=observer)
+                 max_waiting=settings.engine_max_waiting, max_waiting_steps=settings.engine_max_waiting_steps,
+                 observer=observer)
     eng.start()
     log.info("generator engine started: %s", eng.settings())
     return eng

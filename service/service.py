@@ -523,7 +523,8 @@ def batching_info(s: Settings) -> dict:
                 A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size, "max_batch_tokens": s.scorer_max_batch_tokens,
                                "wait_ms": 0, "workers": s.scorer_workers},
                 A.GENERATOR: {"max_rows": s.engine_max_rows, "max_step_tokens": s.engine_max_step_tokens,
-                              "max_waiting": s.engine_max_waiting, "workers": s.generator_workers}}
+                              "max_waiting": s.engine_max_waiting, "max_waiting_steps": s.engine_max_waiting_steps,
+                              "workers": s.generator_workers}}
     return {"mode": "adaptive",
             A.CLASSIFIER: {"max_batch_size": s.scorer_max_batch_size, "max_latency_ms": s.scorer_max_latency_ms,
                            "workers": s.scorer_workers},

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     engine_max_step_tokens: int = Field(4096, ge=1, description="engine: prompt positions (rows x longest "
                                         "prompt, padded) prefilled in one step at most; the head of the queue "
                                         "is always admitted when nothing runs")
+    engine_max_waiting_steps: int = Field(8, ge=0, le=1000, description="engine: while rows run, decoding "
+                                          "steps newcomers may wait so that one prefill takes several of them "
+                                          "(TGI's max_waiting_tokens; they go at once when they are 1.2x the "
+                                          "running rows, or when nothing runs); 0 = admit at every step")
     engine_max_waiting: int = Field(1024, ge=1, description="engine: rows waiting for admission at most; a "
                                     "request that would exceed it is answered 503 with Retry-After")
 

@@ -43,15 +43,21 @@ async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[S
     tokens of the candidates it cancels)."""
     detok = [IncrementalDetokenizer(tokenizer) for _ in rows]
     tokens = [0] * len(rows)
-    async with aclosing(engine.generate(prompt, rows)) as steps:
+    async with aclosing(engine.generate(prompt, rows, stream=deltas or progress > 0)) as steps:
         async for updates in steps:
             events = []
             for u in updates:
-                tokens[u.index] += u.token is not None
-                if not deltas and u.token is not None:
-                    detok[u.index].ids.append(u.token)
+                if u.tokens is not None:  # not streamed: the row's tokens come with its end
+                    detok[u.index].ids.extend(u.tokens)
+                    tokens[u.index] = len(u.tokens)
+                    delta = ""
+                elif not deltas:  # streamed for its progress only: the text comes at the end
+                    tokens[u.index] += u.token is not None
+                    if u.token is not None:
+                        detok[u.index].ids.append(u.token)
                     delta = ""
                 else:
+                    tokens[u.index] += u.token is not None
                     delta = detok[u.index].add(u.token) if u.token is not None else ""
                 if u.finish is not None and u.finish != ERROR:
                     delta += detok[u.index].finish()

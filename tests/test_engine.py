@@ -111,6 +111,17 @@ def test_row_cap_and_prefill_budget_hold_and_everyone_gets_served(generator):
         assert rec.tokens[0] == alone(generator, PROMPTS[i % len(PROMPTS)], sampled(20 + i, 10))
 
 
+def test_a_request_that_does_not_stream_hears_only_of_finished_rows(generator):
+    engine = Engine(generator)
+    calls = []
+    engine.submit(PROMPTS[1], [sampled(1, 20), sampled(2, 30)], calls.append, stream=False)
+    engine.run_until_idle()
+    updates = [u for call in calls for u in call]
+    assert all(u.finish is not None and u.token is None for u in updates) and len(updates) == 2
+    assert [list(u.tokens) for u in sorted(updates, key=lambda u: u.index)] == \
+        [alone(generator, PROMPTS[1], sampled(i, n)) for i, n in ((1, 20), (2, 30))]
+
+
 def test_zero_new_tokens_finish_without_a_model_call(generator):
     engine = Engine(generator)
     rec = Recorder(2)
@@ -245,6 +256,25 @@ def test_detokenizer_deltas_add_up_to_the_decoded_text(generator):
     assert "\ufffd" not in "".join(deltas) and "".join(deltas) + detok.finish() == tokenizer.decode(ids)
 
 
+def test_a_busy_engine_gathers_newcomers_for_one_prefill_within_its_step_limit(generator):
+    engine = Engine(generator, max_rows=16, max_waiting_steps=3)
+    first = Recorder(4)
+    engine.submit(PROMPTS[1], [sampled(i, 40) for i in range(4)], first)
+    engine.step()
+    late = Recorder(1)
+    engine.submit("Great", [sampled(9, 20)], late)  # 1 waiting < 1.2 x 4 running: it may wait 3 steps
+    waits = 0
+    while engine.waiting:
+        engine.step()
+        waits += 1
+    assert waits == 4 and engine.running == 5  # waited 3 steps, admitted at the 4th
+    engine.submit("Great", [sampled(k, 5) for k in range(10, 16)], Recorder(6))  # 6 >= 1.2 x 5: at once
+    engine.step()
+    assert engine.waiting == 0
+    engine.run_until_idle()
+    assert late.tokens[0] == alone(generator, "Great", sampled(9, 20))
+
+
 def test_invalid_engine_settings_name_the_setting(generator):
     with pytest.raises(ValueError, match="max_rows"):
         Engine(generator, max_rows=0)
@@ -257,7 +287,32 @@ def test_cache_width_stays_bounded_by_the_longest_history(generator):
     engine.submit("Great", [sampled(51, 30)], Recorder(1))
     widths = []
     while engine.step():
-        if engine._batch is not None:
-            widths.append((engine._batch.mask.shape[1], int(engine._batch.lengths.max())))
-    assert all(w == longest for w, longest in widths)
-    assert np.isfinite(widths[-1][0])
+        widths += [(c.mask.shape[1], int(c.lengths.max())) for c in engine._cohorts]
+    assert widths and all(w == longest for w, longest in widths)
+
+
+def test_newcomers_of_a_very_different_width_run_as_their_own_cohort(generator):
+    """A short prompt arriving while long rows run starts a cohort of its own (no padding to the long
+    rows' width); at most MAX_COHORTS run, and every row still replays exactly."""
+    from glowing.runtime.engine import MAX_COHORTS
+
+    engine = Engine(generator, max_rows=16)
+    recorders = []
+    engine.submit(LONG_PROMPT, [sampled(60, 40)], rec := Recorder(1))
+    recorders.append((LONG_PROMPT, 60, rec))
+    for _ in range(6):
+        engine.step()
+    engine.submit("Great", [sampled(61, 30)], rec := Recorder(1))
+    recorders.append(("Great", 61, rec))
+    engine.step()
+    assert len(engine._cohorts) == 2 and sorted(len(c.rows) for c in engine._cohorts) == [1, 1]
+    for i in range(6):  # more arrivals than cohorts: the closest in width merge
+        engine.submit(PROMPTS[i % len(PROMPTS)], [sampled(70 + i, 20)], rec := Recorder(1))
+        recorders.append((PROMPTS[i % len(PROMPTS)], 70 + i, rec))
+        engine.step()
+        engine.step()
+        assert len(engine._cohorts) <= MAX_COHORTS
+    engine.run_until_idle()
+    for prompt, seed, rec in recorders:
+        tokens = 40 if seed == 60 else 30 if seed == 61 else 20
+        assert rec.tokens[0] == alone(generator, prompt, sampled(seed, tokens))

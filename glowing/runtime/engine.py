@@ -16,11 +16,14 @@ Every step (``Engine.step``), in this order:
    admitted when nothing runs, so a long prompt cannot starve): their prompts are prefilled in
    one call, their first token sampled and sent, and their KV cache merged into the running batch.
 
-The batch is TGI's non-flash ``CausalLMBatch``: left padding, one attention mask and one KV cache
-for all rows, position ids counted per row from its first real token. Merging pads the narrower
-cache on the left; when rows leave, the columns that every remaining row masks are cut
-(``compact``), so the cache is never wider than the longest row's history. An idle engine admits
-a new row at once: there is no batching wait.
+A running batch is TGI's non-flash ``CausalLMBatch``: left padding, one attention mask and one KV
+cache for its rows, position ids counted per row from its first real token. Merging pads the
+narrower cache on the left; when rows leave, the columns that every remaining row masks are cut,
+so a batch is never wider than its longest row's history. Because every row of a batch pays for
+its whole width at every step (attention, and the cache the model copies), newcomers join a batch
+only when their widths are close, else they run as a cohort of their own (at most
+``MAX_COHORTS``, one model call each per step; see ``_place``). An idle engine admits a new row
+at once: there is no batching wait.
 
 Each row samples with its own settings and its own random generator seeded from its seed (the
 sampler of ``glowing.runtime.sampling``): a seeded row draws the same tokens whether it ran alone,
@@ -50,6 +53,9 @@ from glowing.runtime.sampling import SamplingSettings, make_rng, next_tokens
 log = logging.getLogger("glowing.runtime")
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+MAX_COHORTS = 4  # running batches at most, each one model call per step
+WAITING_SERVED_RATIO = 1.2  # as TGI's waiting_served_ratio (see _admit)
+MERGE_SLACK = 0.25  # a cohort merges into one at most this share wider (or beyond MAX_COHORTS)
 
 
 class QueueFull(RuntimeError):
@@ -63,6 +69,7 @@ class RowUpdate:
     index: int  # the row's index within its request
     token: int | None  # the new token id; None when the row finished without one (end of text)
     finish: str | None = None  # None (still running), stop, length, cancelled or error
+    tokens: tuple[int, ...] | None = None  # with the finish of a request that does not stream: all its tokens
 
 
 class EngineObserver:
@@ -86,6 +93,7 @@ class Request:
     id: int
     n_rows: int
     sink: Callable[[list[RowUpdate]], None]
+    stream: bool = True  # False: no update per token, each row's tokens come with its finish
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     error: BaseException | None = None  # set when a model call failed its rows
@@ -107,7 +115,7 @@ class _Row:
     last: float = 0.0  # when its last token was made
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     """The running rows and their shared model state (row order = array order)."""
 
@@ -120,19 +128,21 @@ class _Batch:
 
 class Engine:
     def __init__(self, generator: Generator, *, max_rows: int = 64, max_step_tokens: int = 4096,
-                 max_waiting: int = 1024, observer: EngineObserver | None = None):
+                 max_waiting: int = 1024, max_waiting_steps: int = 0, observer: EngineObserver | None = None):
         for name, value in (("max_rows", max_rows), ("max_step_tokens", max_step_tokens),
-                            ("max_waiting", max_waiting)):
+                            ("max_waiting", max_waiting), ("max_waiting_steps", max_waiting_steps + 1)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Engine {name}={value!r}: must be an int >= 1")
+                raise ValueError(f"Engine {name}: must be an int >= 1 (max_waiting_steps: >= 0), got {value!r}")
         self.generator = generator
         self._lm = generator.lm
         self._pad = generator.codec.pad_id
         self.max_rows, self.max_step_tokens, self.max_waiting = max_rows, max_step_tokens, max_waiting
+        self.max_waiting_steps = max_waiting_steps
+        self._waited = 0  # decoding steps the head of the queue has waited while rows ran
         self.observer = observer or EngineObserver()
         self.deliver: Callable[[list[tuple[Request, list[RowUpdate]]]], None] = _deliver
         self._waiting: deque[_Row] = deque()
-        self._batch: _Batch | None = None
+        self._cohorts: list[_Batch] = []  # running rows, in batches of similar width (see _place)
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -143,24 +153,26 @@ class Engine:
 
     @property
     def running(self) -> int:
-        batch = self._batch
-        return len(batch.rows) if batch else 0
+        return sum(len(b.rows) for b in list(self._cohorts))
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     def settings(self) -> dict[str, int]:
-        return {"max_rows": self.max_rows, "max_step_tokens": self.max_step_tokens, "max_waiting": self.max_waiting}
+        return {"max_rows": self.max_rows, "max_step_tokens": self.max_step_tokens, "max_waiting": self.max_waiting,
+                "max_waiting_steps": self.max_waiting_steps}
 
     def submit(self, prompt: str, rows: Sequence[SamplingSettings],
-               sink: Callable[[list[RowUpdate]], None]) -> Request:
+               sink: Callable[[list[RowUpdate]], None], stream: bool = True) -> Request:
         """Queue ``len(rows)`` continuations of ``prompt``, row ``i`` sampled with ``rows[i]``.
-        Raises ``QueueFull`` (nothing queued) when the waiting rows would exceed ``max_waiting``."""
+        ``stream`` False: the sink hears of a row only when it ends, with all its tokens (no
+        per-token wake-ups for a consumer that waits for whole rows anyway). Raises ``QueueFull``
+        (nothing queued) when the waiting rows would exceed ``max_waiting``."""
         if not rows:
             raise ValueError("submit: no rows")
         prompts, max_new = self.generator.encode([prompt] * len(rows), list(rows))
-        request = Request(next(self._ids), len(rows), sink)
+        request = Request(next(self._ids), len(rows), sink, stream)
         new = [_Row(request, i, ids, s, m, make_rng(s.seed)) for i, (ids, s, m) in
                enumerate(zip(prompts, rows, max_new))]
         with self._lock:
@@ -194,7 +206,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and self._batch is None and not self._waiting:
+                while not self._stopping and not self._cohorts and not self._waiting:
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -210,8 +222,8 @@ class Engine:
         out: dict[Request, list[RowUpdate]] = {}
         self._drop_cancelled(out)
         did = False
-        if self._batch is not None:
-            self._decode(out)
+        for cohort in list(self._cohorts):
+            self._decode(cohort, out)
             did = True
         newcomers = self._admit()
         if newcomers:
@@ -223,7 +235,10 @@ class Engine:
         return did
 
     def _emit(self, out: dict, row: _Row, token: int | None, finish: str | None) -> None:
-        out.setdefault(row.request, []).append(RowUpdate(row.index, token, finish))
+        if row.request.stream:
+            out.setdefault(row.request, []).append(RowUpdate(row.index, token, finish))
+        elif finish is not None:
+            out.setdefault(row.request, []).append(RowUpdate(row.index, None, finish, tuple(row.tokens)))
         if finish is not None:
             self.observer.finished(finish, time.perf_counter() - row.request.submitted, len(row.tokens))
 
@@ -236,11 +251,11 @@ class Engine:
                 gone = []
         for row in gone:
             self._emit(out, row, None, CANCELLED)
-        if self._batch is not None:
-            keep = [j for j, r in enumerate(self._batch.rows) if not r.request.cancelled]
-            for j in set(range(len(self._batch.rows))) - set(keep):
-                self._emit(out, self._batch.rows[j], None, CANCELLED)
-            self._keep(keep)
+        for cohort in list(self._cohorts):
+            keep = [j for j, r in enumerate(cohort.rows) if not r.request.cancelled]
+            for j in set(range(len(cohort.rows))) - set(keep):
+                self._emit(out, cohort.rows[j], None, CANCELLED)
+            self._keep(cohort, keep)
 
     def _sample(self, rows: list[_Row], logits: np.ndarray, out: dict) -> list[int]:
         """Sample one token per row, send it, and return the indices of the rows that go on."""
@@ -268,30 +283,38 @@ class Engine:
             row.request.error = err
             self._emit(out, row, None, ERROR)
 
-    def _decode(self, out: dict) -> None:
-        b = self._batch
+    def _decode(self, b: _Batch, out: dict) -> None:
         mask = np.concatenate([b.mask, np.ones((len(b.rows), 1), dtype=np.int64)], axis=1)
         try:
             logits, past = self._lm.forward(b.next_ids[:, None], mask, b.lengths[:, None], b.past)
         except Exception as err:  # the rows of this call fail; the engine serves the next requests
             self._fail(b.rows, err, out)
-            self._batch = None
+            self._cohorts.remove(b)
             return
         self.steps += 1
         b.past, b.mask, b.lengths = past, mask, b.lengths + 1
-        self._keep(self._sample(b.rows, logits, out))
-        if self._batch is not None:
-            self._batch.next_ids = np.asarray([r.tokens[-1] for r in self._batch.rows], dtype=np.int64)
+        kept = self._keep(b, self._sample(b.rows, logits, out))
+        if kept is not None:
+            kept.next_ids = np.asarray([r.tokens[-1] for r in kept.rows], dtype=np.int64)
 
     def _admit(self) -> list[_Row]:
         with self._lock:
-            room = self.max_rows - self.running
+            running = self.running
+            # TGI's rule: while rows run, newcomers wait (at most max_waiting_steps steps) until they are
+            # as many as WAITING_SERVED_RATIO x the running rows, so that one prefill call takes several
+            # of them (a prefill per arriving request costs a model call each). An idle engine waits for nothing.
+            if running and self._waiting and len(self._waiting) < WAITING_SERVED_RATIO * running \
+                    and self._waited < self.max_waiting_steps:
+                self._waited += 1
+                return []
+            self._waited = 0
+            room = self.max_rows - running
             chosen: list[_Row] = []
             width = 0
             while self._waiting and len(chosen) < room:
                 row = self._waiting[0]
                 wider = max(width, len(row.prompt))
-                if (len(chosen) + 1) * wider > self.max_step_tokens and (chosen or self._batch is not None):
+                if (len(chosen) + 1) * wider > self.max_step_tokens and (chosen or self._cohorts):
                     break  # first come, first served: nobody overtakes the head of the queue
                 chosen.append(self._waiting.popleft())
                 width = wider
@@ -322,7 +345,24 @@ class Engine:
         start = int(mask.shape[1] - lengths.max())  # columns every kept row masks
         new = _Batch([rows[j] for j in keep], self._lm.select(past, idx, start), mask[idx, start:], lengths,
                      np.asarray([rows[j].tokens[-1] for j in keep], dtype=np.int64))
-        self._batch = new if self._batch is None else self._merge(self._batch, new)
+        self._place(new)
+
+    def _place(self, new: _Batch) -> None:
+        """Put newcomers among the running cohorts. Rows in one cohort share its width (the longest
+        history in it): a short newcomer merged into a long-running batch pays attention and cache
+        copies over that whole width at every step. So a newcomer joins a cohort only when their
+        widths are close (within ``MERGE_SLACK``), else it starts a cohort of its own; beyond
+        ``MAX_COHORTS`` the two closest in width merge (one model call per cohort and step)."""
+        self._cohorts.append(new)
+        while len(self._cohorts) > 1:
+            widths = sorted(((c.mask.shape[1], i) for i, c in enumerate(self._cohorts)), reverse=True)
+            pairs = [(w1 - w2, i, j) for (w1, i), (w2, j) in zip(widths, widths[1:])]
+            gap, i, j = min(pairs)
+            wide = self._cohorts[i].mask.shape[1]
+            if gap > MERGE_SLACK * wide and len(self._cohorts) <= MAX_COHORTS:
+                return
+            a, b = self._cohorts[i], self._cohorts[j]
+            self._cohorts = [c for c in self._cohorts if c is not a and c is not b] + [self._merge(a, b)]
 
     def _merge(self, a: _Batch, b: _Batch) -> _Batch:
         width = max(a.mask.shape[1], b.mask.shape[1])
@@ -331,19 +371,21 @@ class Engine:
         return _Batch(a.rows + b.rows, self._lm.concat([a.past, b.past], pads), mask,
                       np.concatenate([a.lengths, b.lengths]), np.concatenate([a.next_ids, b.next_ids]))
 
-    def _keep(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` of the running batch and cut the columns they all mask."""
-        b = self._batch
-        if b is None or len(keep) == len(b.rows):
-            return
+    def _keep(self, b: _Batch, keep: list[int]) -> _Batch | None:
+        """Keep only rows ``keep`` of cohort ``b`` and cut the columns they all mask; the cohort
+        that stays (None when none does)."""
+        if len(keep) == len(b.rows):
+            return b
+        at = self._cohorts.index(b)
         if not keep:
-            self._batch = None
-            return
+            del self._cohorts[at]
+            return None
         idx = np.asarray(keep, dtype=np.int64)
         lengths = b.lengths[idx]
         start = int(b.mask.shape[1] - lengths.max())
-        self._batch = _Batch([b.rows[j] for j in keep], self._lm.select(b.past, idx, start), b.mask[idx, start:],
-                             lengths, b.next_ids[idx])
+        self._cohorts[at] = _Batch([b.rows[j] for j in keep], self._lm.select(b.past, idx, start),
+                                   b.mask[idx, start:], lengths, b.next_ids[idx])
+        return self._cohorts[at]
 
 
 def _deliver(pairs: list[tuple[Request, list[RowUpdate]]]) -> None:
@@ -367,9 +409,10 @@ class AsyncEngine:
         self.loop = loop or asyncio.get_running_loop()
         engine.deliver = lambda pairs: self.loop.call_soon_threadsafe(_deliver, pairs)
 
-    async def generate(self, prompt: str, rows: Sequence[SamplingSettings]) -> AsyncIterator[list[RowUpdate]]:
+    async def generate(self, prompt: str, rows: Sequence[SamplingSettings],
+                       stream: bool = True) -> AsyncIterator[list[RowUpdate]]:
         queue: asyncio.Queue[list[RowUpdate]] = asyncio.Queue()
-        request = self.engine.submit(prompt, rows, queue.put_nowait)
+        request = self.engine.submit(prompt, rows, queue.put_nowait, stream)
         open_rows = len(rows)
         try:
             while open_rows:
