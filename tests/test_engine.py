@@ -256,6 +256,18 @@ def test_detokenizer_deltas_add_up_to_the_decoded_text(generator):
     assert "\ufffd" not in "".join(deltas) and "".join(deltas) + detok.finish() == tokenizer.decode(ids)
 
 
+def test_cheap_padding_merges_newcomers_into_the_running_cohort(generator):
+    engine = Engine(generator, max_rows=16)  # CALL_POSITIONS: padding 1 row by a few positions is cheaper
+    engine.submit(PROMPTS[1], [sampled(1, 30)], Recorder(1))
+    for _ in range(3):
+        engine.step()
+    engine.submit("Great", [sampled(2, 30)], rec := Recorder(1))
+    engine.step()
+    assert len(engine._cohorts) == 1 and len(engine._cohorts[0].rows) == 2
+    engine.run_until_idle()
+    assert rec.tokens[0] == alone(generator, "Great", sampled(2, 30))
+
+
 def test_a_busy_engine_gathers_newcomers_for_one_prefill_within_its_step_limit(generator):
     engine = Engine(generator, max_rows=16, max_waiting_steps=3)
     first = Recorder(4)
@@ -291,11 +303,14 @@ def test_cache_width_stays_bounded_by_the_longest_history(generator):
     assert widths and all(w == longest for w, longest in widths)
 
 
-def test_newcomers_of_a_very_different_width_run_as_their_own_cohort(generator):
-    """A short prompt arriving while long rows run starts a cohort of its own (no padding to the long
-    rows' width); at most MAX_COHORTS run, and every row still replays exactly."""
+def test_newcomers_of_a_very_different_width_run_as_their_own_cohort(generator, monkeypatch):
+    """A short prompt arriving while long rows run starts a cohort of its own when padding it to the
+    long rows' width costs more than a model call; at most MAX_COHORTS run, and every row still
+    replays exactly."""
+    from glowing.runtime import engine as engine_module
     from glowing.runtime.engine import MAX_COHORTS
 
+    monkeypatch.setattr(engine_module, "CALL_POSITIONS", 4)  # the tiny model's widths are small
     engine = Engine(generator, max_rows=16)
     recorders = []
     engine.submit(LONG_PROMPT, [sampled(60, 40)], rec := Recorder(1))
