@@ -62,7 +62,7 @@ def make_data_dir(root: Path, seed: int = 0, sizes: dict | None = None) -> Path:
     """imdb/{train,test,unsup}.parquet and sst2/{train,validation}.parquet, sorted by label
     like the real files."""
     rng = random.Random(seed)
-    sizes = sizes or {"imdb/train": 160, "imdb/test": 80, "imdb/unsup": 60, "sst2/train": 40, "sst2/validation": 40}
+    sizes = sizes or {"imdb/train": 160, "imdb/test": 80, "imdb/unsup": 60, "sst2/train": 120, "sst2/validation": 40}
     for key, n in sizes.items():
         if key.endswith("unsup"):
             labels = [-1] * n

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from glowing.text import normalize
 from training import device as dev
+from training import distributed as dist
 from training.config import SCRATCH, LMConfig
 from training.optim import adamw, check_finite, warmup_cosine
 
@@ -85,7 +86,9 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
 def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float, warmup: int,
              weight_decay: float, seed: int, stage: str,
              device: torch.device | None = None) -> TrainResult:
-    """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks)."""
+    """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks).
+
+    Under torchrun every rank draws the same global batch and trains on its slice of it."""
     import time
 
     device = device or dev.of(model)
@@ -96,16 +99,18 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     order = rng.permutation(len(blocks))
     cursor, losses = 0, []
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=stage, unit="step")
+    ddp = dist.wrap(model)
+    bar = tqdm(range(steps), desc=stage, unit="step", disable=not dist.is_main())
     for step in bar:
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(blocks)), 0
-        batch = blocks[torch.from_numpy(order[cursor : cursor + min(batch_size, len(order))])].to(device)
+        rows = dist.shard(order[cursor : cursor + min(batch_size, len(order))])
+        batch = blocks[torch.from_numpy(rows)].to(device)
         cursor += batch_size
         with dev.autocast(device):
-            loss = model(input_ids=batch, labels=batch).loss
-        losses.append(check_finite(loss, stage, step))
-        loss.backward()
+            loss = ddp(input_ids=batch, labels=batch).loss
+        loss.backward()  # under DDP: gradients averaged over the ranks' slices here
+        losses.append(check_finite(torch.tensor(dist.mean(float(loss.detach()), len(rows))), stage, step))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
