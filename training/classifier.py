@@ -102,16 +102,18 @@ def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def bucket_batches(lengths: np.ndarray, examples: np.ndarray, batch_size: int, buckets: list[int],
+def bucket_batches(lengths: np.ndarray, examples: np.ndarray, batch_sizes: list[int], buckets: list[int],
                    rng: np.random.Generator) -> list[np.ndarray]:
     """Training batches for one epoch: ``examples`` (indices, repeats allowed) grouped by length
-    bucket (``buckets`` are upper bounds in tokens, the last bucket is open), shuffled within each
+    bucket (``buckets`` are upper bounds in tokens, the last bucket is open; ``batch_sizes`` holds
+    one batch size per bucket), shuffled within each
     bucket, sorted by length within runs of 50 batches (so a batch holds texts of nearly one
     length), cut into batches, and the batches shuffled. A batch is padded to its longest text,
     which is at most its bucket's bound."""
     which = np.searchsorted(np.asarray(buckets), lengths[examples], side="left")
-    batches, run = [], batch_size * 50
+    batches = []
     for b in np.unique(which):
+        batch_size, run = batch_sizes[b], batch_sizes[b] * 50
         members = rng.permutation(examples[which == b])
         for i in range(0, len(members), run):
             chunk = members[i : i + run]
@@ -185,13 +187,14 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
         sst2_labels if sst2_labels is not None else [], dtype=int)]), dtype=torch.long)
     sst2_y = np.asarray(sst2_labels if sst2_labels is not None else [], dtype=int)
     repeats = cfg.sst2_repeats if len(sst2_y) else 0.0
+    sizes = cfg.bucket_batch_sizes or [cfg.batch_size] * (len(cfg.length_buckets) + 1)
     plan = [bucket_batches(lengths, epoch_examples(len(train_texts), sst2_y, repeats, cfg.sst2_balance, rng),
-                           cfg.batch_size, cfg.length_buckets, rng) for _ in range(cfg.epochs)]
+                           sizes, cfg.length_buckets, rng) for _ in range(cfg.epochs)]
     plan = [[b for b in epoch if len(b) >= dist.world_size()] for epoch in plan]  # every rank gets rows
     total = sum(len(epoch) for epoch in plan)
-    log.info("classifier: %d IMDB reviews + %d SST-2 phrases per epoch (%d distinct), %d steps of %d, buckets %s",
-             len(train_texts), sum(len(b) for b in plan[0]) - len(train_texts), len(sst2_y), total, cfg.batch_size,
-             cfg.length_buckets)
+    log.info("classifier: %d IMDB reviews + %d SST-2 phrases per epoch (%d distinct), %d steps; buckets %s tokens, "
+             "batches %s", len(train_texts), sum(len(b) for b in plan[0]) - len(train_texts), len(sst2_y), total,
+             cfg.length_buckets, sizes)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     schedule = warmup_cosine(optimizer, cfg.warmup_steps, total)
     device = dev.of(model)
@@ -200,14 +203,15 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
     for epoch, batches in enumerate(plan, start=1):
         model.train()
         losses = []
-        bar = tqdm(batches, desc=f"classifier epoch {epoch}/{cfg.epochs}", unit="batch", disable=not dist.is_main())
+        bar = tqdm(batches, desc=f"classifier epoch {epoch}/{cfg.epochs}", unit="batch",
+                   disable=None if dist.is_main() else True)  # None: only on a terminal
         for batch in bar:
             local = dist.shard(batch)
             input_ids, mask = collate([ids[i] for i in local], tokenizer.pad_token_id)
             with dev.autocast(device):
                 loss = ddp(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                            labels=labels[local].to(device)).loss
-            loss.backward()
+            dist.for_backward(loss, len(local), len(batch)).backward()  # DDP averages the ranks' gradients
             losses.append(check_finite(torch.tensor(dist.mean(float(loss.detach()), len(local))), "classifier", step))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -216,6 +220,8 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
             step += 1
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            if step % 200 == 0:
+                log.info("classifier step %d/%d: loss %.3f", step, total, np.mean(losses[-200:]))
         scores = {name: accuracy(model, tokenizer, texts, y, cfg.max_length) for name, (texts, y) in val.items()}
         score = float(np.mean(list(scores.values())))
         result.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": score,

@@ -110,6 +110,9 @@ class ClassifierConfig:
     # Batches are drawn from one length bucket at a time (upper bounds in tokens; the last bucket
     # runs to max_length), so a 10-token phrase is never padded to a 512-token review.
     length_buckets: list = field(default_factory=lambda: [32, 128, 256])
+    # Texts per batch in each bucket, one more entry than length_buckets (the last: the open bucket);
+    # short phrases go in bigger batches (a step's fixed cost is then shared). Empty: batch_size everywhere.
+    bucket_batch_sizes: list = field(default_factory=list)
     # With its own vocabulary (vocab_size > 0): "lower+ptb" lower-cases, joins PTB-split contractions
     # ("it 's" -> "it's") and strips, inside the saved tokenizer, so SST-2's lower-cased, tokenised
     # phrases and users' texts meet the same tokens at training and serving time; "none" leaves texts as they are.
@@ -122,6 +125,11 @@ class ClassifierConfig:
         _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.length_buckets)
                and self.length_buckets == sorted(set(self.length_buckets)), "classifier.length_buckets",
                "must be increasing positive integers (token counts), e.g. [32, 128, 256]")
+        _check(not self.bucket_batch_sizes or (
+            len(self.bucket_batch_sizes) == len(self.length_buckets) + 1
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.bucket_batch_sizes)),
+            "classifier.bucket_batch_sizes", "must be empty or hold one positive integer per bucket "
+            "(len(classifier.length_buckets) + 1)")
         _check(self.normalizer in ("none", "lower+ptb"), "classifier.normalizer", 'must be "none" or "lower+ptb"')
         _check(self.normalizer == "none" or (self.vocab_size > 0 and self.init == SCRATCH), "classifier.normalizer",
                'can only be "lower+ptb" with classifier.vocab_size > 0 (the classifier\'s own tokenizer)')

@@ -66,6 +66,12 @@ def shard(batch: np.ndarray | torch.Tensor):
     return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part
 
 
+def for_backward(loss: torch.Tensor, local_rows: int, global_rows: int) -> torch.Tensor:
+    """A slice's mean loss rescaled so that DDP's average over ranks is the global batch's mean, also
+    when the slices differ in size (the last, shorter batch of a bucket)."""
+    return loss * (local_rows * world_size() / global_rows) if _active() else loss
+
+
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model DDP-wrapped when several ranks train (gradients averaged in backward), else itself."""
     if not _active():

@@ -100,17 +100,18 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     cursor, losses = 0, []
     started = time.perf_counter()
     ddp = dist.wrap(model)
-    bar = tqdm(range(steps), desc=stage, unit="step", disable=not dist.is_main())
+    bar = tqdm(range(steps), desc=stage, unit="step", disable=None if dist.is_main() else True)
     for step in bar:
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(blocks)), 0
-        rows = dist.shard(order[cursor : cursor + min(batch_size, len(order))])
-        batch = blocks[torch.from_numpy(rows)].to(device)
+        rows = order[cursor : cursor + min(batch_size, len(order))]
+        local = dist.shard(rows)
+        batch = blocks[torch.from_numpy(local)].to(device)
         cursor += batch_size
         with dev.autocast(device):
             loss = ddp(input_ids=batch, labels=batch).loss
-        loss.backward()  # under DDP: gradients averaged over the ranks' slices here
-        losses.append(check_finite(torch.tensor(dist.mean(float(loss.detach()), len(rows))), stage, step))
+        dist.for_backward(loss, len(local), len(rows)).backward()  # DDP averages the ranks' gradients here
+        losses.append(check_finite(torch.tensor(dist.mean(float(loss.detach()), len(local))), stage, step))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()

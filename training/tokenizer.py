@@ -21,7 +21,7 @@ PAD = "<|pad|>"
 # and users' texts share tokens. Literal replacements: harmless on text that is not PTB-split.
 PTB_JOINS = [(" n't", "n't"), (" 's", "'s"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"), (" 'd", "'d"),
              (" 'm", "'m"), (" ,", ","), (" .", "."), (" !", "!"), (" ?", "?"), (" ;", ";"), (" :", ":"),
-             ("-lrb- ", "("), (" -rrb-", ")")]
+             ("-lrb- ", "("), (" -rrb-", ")"), ("( ", "("), (" )", ")")]
 
 
 def normalizer(kind: str):
