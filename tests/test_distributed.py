@@ -1,4 +1,4 @@
-"""Several processes: the lm and classifier stages under torchrun (gloo, 2 CPU processes) match one
+"""Several processes: the lm, generator and classifier stages under torchrun (gloo, 2 CPU processes) match one
 process with the same global batch, and only rank 0 writes."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = "tokenizer,lm,classifier"
+STAGES = "tokenizer,lm,generator,classifier"
 
 
 def _train(data: Path, out: Path, nproc: int) -> dict:
@@ -37,16 +37,17 @@ def test_two_gloo_processes_match_one_process(tiny_data_dir, tmp_path):
     two = _train(tiny_data_dir, tmp_path / "two", 2)
     # Same initial weights, same global batches: the first loss is the same number, and after a few
     # steps the losses differ only by floating-point summation order.
-    lm1, lm2 = one["models"]["lm"], two["models"]["lm"]
-    assert lm2["first_loss"] == pytest.approx(lm1["first_loss"], abs=1e-4)
-    assert lm2["last_loss"] == pytest.approx(lm1["last_loss"], abs=1e-3)
-    assert lm2["val_loss"] == pytest.approx(lm1["val_loss"], abs=1e-3)
+    for stage in ("lm", "generator"):
+        a, b = one["models"][stage], two["models"][stage]
+        assert b["first_loss"] == pytest.approx(a["first_loss"], abs=1e-4), stage
+        assert b["last_loss"] == pytest.approx(a["last_loss"], abs=1e-3), stage
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3), stage
     c1, c2 = one["models"]["classifier"]["epochs"], two["models"]["classifier"]["epochs"]
     assert [e["train_loss"] for e in c2] == pytest.approx([e["train_loss"] for e in c1], abs=2e-3)
     # Rank 0 wrote everything once, and what it wrote loads.
     assert set(two["stages"]) == set(STAGES.split(","))
     assert not list((tmp_path / "two").glob(".*.tmp"))
-    AutoModelForCausalLM.from_pretrained(tmp_path / "two/lm")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two/generator")
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two/classifier")
     tok = AutoTokenizer.from_pretrained(tmp_path / "two/classifier")
     logits = model(**tok(["great wonderful film"], return_tensors="pt")).logits

@@ -62,8 +62,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.configure(args.verbose)
-    if not sys.stderr.isatty():  # progress bars only on a terminal: no \r-spam in CI and nohup logs
-        os.environ.setdefault("TQDM_DISABLE", "1")
     overrides = list(args.overrides)
     if args.generator_from:
         overrides.append(f"lm.init={json.dumps(args.generator_from)}")

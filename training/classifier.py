@@ -159,7 +159,7 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     out = np.empty(len(texts), dtype=np.float64)
     batches = length_batches([len(x) for x in ids], batch_size)
     device = dev.of(model)
-    for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+    for batch in tqdm(batches, desc=progress, disable=True if progress is None else None, unit="batch"):
         input_ids, mask = collate([ids[i] for i in batch], tokenizer.pad_token_id)
         with dev.autocast(device):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()

@@ -68,7 +68,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     chunk = 512
-    with tqdm(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False) as bar:
+    with tqdm(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False, disable=None) as bar:
         for start in range(0, len(texts), chunk):
             batch = [normalize(t) for t in texts[start : start + chunk]]
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
@@ -118,6 +118,8 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
+        if (step + 1) % 50 == 0:  # progress in logs too, where the bar is off (not a terminal)
+            log.info("%s step %d/%d: loss %.3f", stage, step + 1, steps, float(np.mean(losses[-50:])))
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return TrainResult(steps=steps, tokens=steps * batch_size * blocks.shape[1],
