@@ -87,6 +87,10 @@ def test_normalizer_joins_ptb_tokens_and_travels_with_the_tokenizer(tiny_data_di
     assert main(args) == 0
     tok = AutoTokenizer.from_pretrained(out / "classifier")
     assert tok("it 's a great movie , really . ")["input_ids"] == tok("It's a GREAT movie, really.")["input_ids"]
+    from tokenizers import Tokenizer  # what the runtime (glowing/runtime) loads: the normalizer is in the file
+
+    raw = Tokenizer.from_file(str(out / "classifier/tokenizer.json"))
+    assert raw.encode("do n't miss it ").ids == raw.encode("Don't miss it").ids
     info = json.loads((out / "manifest.json").read_text())["models"]["classifier"]
     assert info["sst2_train_phrases"] > 0 and {"imdb_accuracy", "sst2_accuracy"} <= set(info)
 

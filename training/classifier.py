@@ -106,9 +106,9 @@ def bucket_batches(lengths: np.ndarray, examples: np.ndarray, batch_sizes: list[
                    rng: np.random.Generator) -> list[np.ndarray]:
     """Training batches for one epoch: ``examples`` (indices, repeats allowed) grouped by length
     bucket (``buckets`` are upper bounds in tokens, the last bucket is open; ``batch_sizes`` holds
-    one batch size per bucket), shuffled within each
-    bucket, sorted by length within runs of 50 batches (so a batch holds texts of nearly one
-    length), cut into batches, and the batches shuffled. A batch is padded to its longest text,
+    one batch size per bucket), shuffled within each bucket, sorted by length within runs of 50
+    batches (so a batch holds texts of nearly one length), cut into batches, and the batches
+    shuffled. A batch is padded to its longest text,
     which is at most its bucket's bound."""
     which = np.searchsorted(np.asarray(buckets), lengths[examples], side="left")
     batches = []
