@@ -1,7 +1,7 @@
 """Train every Glowing model, stage by stage, into an artifacts directory.
 
     python -m training --preset tiny --data-dir ../shared/data --out /tmp/glowing-tiny   # ~2 min, smoke run
-    python -m training --data-dir ../shared/data                                         # cpu preset, <= 20 min
+    python -m training --data-dir ../shared/data                                         # cpu preset, ~15 min (est.)
     python -m training --preset gpu --data-dir ../shared/data                            # one modern GPU
     python -m training --stages eval-generator --force                                   # one stage again
     python -m training --generator-from gpt2 --classifier-from distilbert-base-uncased   # pretrained (needs the hub)
