@@ -35,7 +35,8 @@ TINY_OVERRIDES = [
     "lm.batch_size=4", "lm.steps=6", "lm.warmup_steps=1",
     "generator.block_size=32", "generator.batch_size=4", "generator.steps=4", "generator.warmup_steps=1",
     "classifier.n_layer=1", "classifier.n_embd=32", "classifier.n_head=2", "classifier.max_length=48",
-    "classifier.batch_size=16", "classifier.epochs=2", "classifier.warmup_steps=1",
+    "classifier.batch_size=16", "classifier.epochs=2", "classifier.warmup_steps=1", "classifier.sst2_repeats=1.0",
+    "classifier.bucket_batch_sizes=[]",
     "baseline.min_df=1",
     "eval.ppl_reviews=10", "eval.n_samples=4", "eval.max_new_tokens=8", "eval.gen_batch_size=4",
 ]
