@@ -35,7 +35,8 @@ TINY_OVERRIDES = [
     "lm.batch_size=4", "lm.steps=6", "lm.warmup_steps=1",
     "generator.block_size=32", "generator.batch_size=4", "generator.steps=4", "generator.warmup_steps=1",
     "classifier.n_layer=1", "classifier.n_embd=32", "classifier.n_head=2", "classifier.max_length=48",
-    "classifier.batch_size=16", "classifier.epochs=2", "classifier.warmup_steps=1",
+    "classifier.batch_size=16", "classifier.epochs=2", "classifier.warmup_steps=1", "classifier.sst2_repeats=1.0",
+    "classifier.bucket_batch_sizes=[]",
     "baseline.min_df=1",
     "eval.ppl_reviews=10", "eval.n_samples=4", "eval.max_new_tokens=8", "eval.gen_batch_size=4",
 ]
@@ -62,7 +63,7 @@ def make_data_dir(root: Path, seed: int = 0, sizes: dict | None = None) -> Path:
     """imdb/{train,test,unsup}.parquet and sst2/{train,validation}.parquet, sorted by label
     like the real files."""
     rng = random.Random(seed)
-    sizes = sizes or {"imdb/train": 160, "imdb/test": 80, "imdb/unsup": 60, "sst2/train": 40, "sst2/validation": 40}
+    sizes = sizes or {"imdb/train": 160, "imdb/test": 80, "imdb/unsup": 60, "sst2/train": 120, "sst2/validation": 40}
     for key, n in sizes.items():
         if key.endswith("unsup"):
             labels = [-1] * n

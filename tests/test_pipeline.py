@@ -139,7 +139,8 @@ def test_classifier_training_changes_parameters_and_learns(tiny_data_dir, tiny_a
     model, tok = build_classifier(cfg, tiny_artifacts / "tokenizer", tiny_artifacts / "lm")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = load_split(tiny_data_dir, "imdb", "train", 0)
-    result = train_classifier(model, tok, cfg, train.texts, train.labels, train.texts[:40], train.labels[:40], 0)
+    result = train_classifier(model, tok, cfg, train.texts, train.labels,
+                              {"imdb": (train.texts[:40], train.labels[:40])}, 0)
     assert all(math.isfinite(e["train_loss"]) for e in result.epochs)
     assert not [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     p = predict_proba(model, tok, train.texts, cfg.max_length)

@@ -1,12 +1,13 @@
 """Train every Glowing model, stage by stage, into an artifacts directory.
 
     python -m training --preset tiny --data-dir ../shared/data --out /tmp/glowing-tiny   # ~2 min, smoke run
-    python -m training --data-dir ../shared/data                                         # cpu preset, <= 20 min
+    python -m training --data-dir ../shared/data                                         # cpu preset, ~15 min (est.)
     python -m training --preset gpu --data-dir ../shared/data                            # one modern GPU
     python -m training --stages eval-generator --force                                   # one stage again
     python -m training --generator-from gpt2 --classifier-from distilbert-base-uncased   # pretrained (needs the hub)
 
     python -m training --stages rl,eval-rl                                               # RL tuning, ~12 min (cpu)
+    torchrun --nproc_per_node 8 -m training --preset gpu --data-dir ../shared/data       # 8 GPUs: DDP, same global batch
 
 Stages, in order: tokenizer, lm, generator, classifier, baseline, eval-classifier, eval-generator,
 then the optional rl and eval-rl, which run only when named (`--stages all,rl,eval-rl` runs everything).
@@ -23,6 +24,7 @@ import sys
 import time
 
 from glowing import logs
+from training import distributed as dist
 from training.config import ConfigError, available_presets, load_config
 from training.data import DataError
 from training.pipeline import OPTIONAL, STAGES, Pipeline, StageError
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"lm.init={json.dumps(args.generator_from)}")
     if args.classifier_from:
         overrides.append(f"classifier.init={json.dumps(args.classifier_from)}")
+    main_rank = True
     try:
         cfg = load_config(args.preset, overrides)
         if args.print_config:
@@ -79,10 +82,18 @@ def main(argv: list[str] | None = None) -> int:
                               f"choose from {', '.join(STAGES)}")
         stages = [s for s in STAGES if s in stages]
         started = time.perf_counter()
+        dist.init_from_env(cfg.device)  # under torchrun: join the process group
+        main_rank = dist.is_main()
+        if not main_rank:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
         manifest = Pipeline(cfg, args.out, args.data_dir).run(stages, force=args.force)
     except (ConfigError, DataError, StageError, FileNotFoundError) as err:
         logging.getLogger("training").error("%s", err)
         return 2
+    finally:
+        dist.shutdown()
+    if not main_rank:
+        return 0
     logging.getLogger("training").info("pipeline done in %.1f s; manifest: %s/manifest.json",
                                        time.perf_counter() - started, args.out)
     _print_headline(manifest)

@@ -1,11 +1,14 @@
-"""Stage ``classifier``: a transformers sequence classifier trained on IMDB train.
+"""Stage ``classifier``: a transformers sequence classifier trained on IMDB train and SST-2 train.
 
 ``classifier.init`` picks the starting point:
   * ``scratch``: a small GPT-2 shape (right padding, the score read at the final token, which is
     always the end-of-text token appended by the tokenizer);
   * ``lm``: the pretrained LM body, ULMFiT-style;
   * a hub id or local dir (``distilbert-base-uncased``, ``gpt2``) with its own tokenizer.
-The epoch with the best accuracy on the held-out part of IMDB train is kept.
+Every epoch sees each IMDB training review once and ``sst2_repeats`` passes over the SST-2
+phrases (balanced by class), in length buckets. The epoch with the best mean accuracy on the two
+hold-outs (10% of IMDB train, 800 SST-2 train sentences) is kept; SST-2 validation and IMDB test
+are only evaluated on.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 
 from glowing.text import LABELS, normalize
 from training import device as dev
+from training import distributed as dist
 from training.config import SCRATCH, ClassifierConfig
 from training.optim import adamw, check_finite, warmup_cosine
 
@@ -92,21 +96,48 @@ def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer([normalize(t) for t in texts], truncation=True, max_length=max_length)["input_ids"]
 
 
-def length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Batches of similar length (little padding). Shuffled buckets when ``rng`` is given,
-    else sorted (for inference, where the caller restores order)."""
-    if rng is None:
-        order = np.argsort(lengths, kind="stable")
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    order = rng.permutation(len(lengths))
-    bucket = batch_size * 50
+def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """Inference batches: texts sorted by length (little padding); the caller restores order."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def bucket_batches(lengths: np.ndarray, examples: np.ndarray, batch_sizes: list[int], buckets: list[int],
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """Training batches for one epoch: ``examples`` (indices, repeats allowed) grouped by length
+    bucket (``buckets`` are upper bounds in tokens, the last bucket is open; ``batch_sizes`` holds
+    one batch size per bucket), shuffled within each bucket, sorted by length within runs of 50
+    batches (so a batch holds texts of nearly one length), cut into batches, and the batches
+    shuffled. A batch is padded to its longest text,
+    which is at most its bucket's bound."""
+    which = np.searchsorted(np.asarray(buckets), lengths[examples], side="left")
     batches = []
-    for i in range(0, len(order), bucket):
-        chunk = order[i : i + bucket]
-        chunk = chunk[np.argsort([lengths[j] for j in chunk], kind="stable")]
-        batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
+    for b in np.unique(which):
+        batch_size, run = batch_sizes[b], batch_sizes[b] * 50
+        members = rng.permutation(examples[which == b])
+        for i in range(0, len(members), run):
+            chunk = members[i : i + run]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def epoch_examples(n_imdb: int, sst2_labels: np.ndarray, repeats: float, balance: bool,
+                   rng: np.random.Generator) -> np.ndarray:
+    """One epoch's examples, as indices into IMDB rows followed by SST-2 rows: every IMDB review
+    once, and ``repeats`` x len(SST-2) SST-2 phrases, drawn pass after pass without replacement
+    (so 1.0 is each phrase once). With ``balance``, half of them negative, half positive."""
+    sst2 = np.arange(len(sst2_labels))
+    groups = [sst2[sst2_labels == c] for c in (0, 1)] if balance else [sst2]
+    picks = []
+    for group in groups:
+        want = int(round(repeats * len(sst2) / len(groups)))
+        if want == 0 or len(group) == 0:
+            continue
+        passes = [rng.permutation(group) for _ in range(-(-want // len(group)))]
+        picks.append(np.concatenate(passes)[:want])
+    return np.concatenate([np.arange(n_imdb)] + [n_imdb + x for x in picks]).astype(int)
 
 
 def collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +157,9 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     model.eval()
     ids = encode(tokenizer, texts, max_length)
     out = np.empty(len(texts), dtype=np.float64)
-    batches = length_batches([len(x) for x in ids], batch_size, None)
+    batches = length_batches([len(x) for x in ids], batch_size)
     device = dev.of(model)
-    for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+    for batch in tqdm(batches, desc=progress, disable=True if progress is None else None, unit="batch"):
         input_ids, mask = collate([ids[i] for i in batch], tokenizer.pad_token_id)
         with dev.autocast(device):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
@@ -136,31 +167,52 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     return out
 
 
+def accuracy(model, tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> float:
+    p = predict_proba(model, tokenizer, texts, max_length)
+    return float(np.mean((p >= 0.5) == (np.asarray(labels) == 1)))
+
+
 def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[str], train_labels: np.ndarray,
-                     val_texts: list[str], val_labels: np.ndarray, seed: int) -> ClassifierResult:
+                     val: dict[str, tuple[list[str], np.ndarray]], seed: int,
+                     sst2_texts: list[str] = (), sst2_labels: np.ndarray | None = None) -> ClassifierResult:
+    """Train on IMDB (every review once per epoch) mixed with SST-2 phrases (``cfg.sst2_repeats``
+    passes per epoch), in length buckets. ``val``: name -> (texts, labels) held out from training;
+    the epoch with the best mean accuracy over them is kept. Under torchrun, each rank trains on
+    its slice of every global batch (training/distributed.py)."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    ids = encode(tokenizer, train_texts, cfg.max_length)
-    lengths = [len(x) for x in ids]
-    steps_per_epoch = -(-len(ids) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    ids = encode(tokenizer, list(train_texts) + list(sst2_texts), cfg.max_length)
+    lengths = np.array([len(x) for x in ids])
+    labels = torch.as_tensor(np.concatenate([np.asarray(train_labels), np.asarray(
+        sst2_labels if sst2_labels is not None else [], dtype=int)]), dtype=torch.long)
+    sst2_y = np.asarray(sst2_labels if sst2_labels is not None else [], dtype=int)
+    repeats = cfg.sst2_repeats if len(sst2_y) else 0.0
+    sizes = cfg.bucket_batch_sizes or [cfg.batch_size] * (len(cfg.length_buckets) + 1)
+    plan = [bucket_batches(lengths, epoch_examples(len(train_texts), sst2_y, repeats, cfg.sst2_balance, rng),
+                           sizes, cfg.length_buckets, rng) for _ in range(cfg.epochs)]
+    plan = [[b for b in epoch if len(b) >= dist.world_size()] for epoch in plan]  # every rank gets rows
+    total = sum(len(epoch) for epoch in plan)
+    log.info("classifier: %d IMDB reviews + %d SST-2 phrases per epoch (%d distinct), %d steps; buckets %s tokens, "
+             "batches %s", len(train_texts), sum(len(b) for b in plan[0]) - len(train_texts), len(sst2_y), total,
+             cfg.length_buckets, sizes)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     schedule = warmup_cosine(optimizer, cfg.warmup_steps, total)
-    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
     device = dev.of(model)
+    ddp = dist.wrap(model)
     result, best_state, step = ClassifierResult(), None, 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch, batches in enumerate(plan, start=1):
         model.train()
         losses = []
-        bar = tqdm(length_batches(lengths, cfg.batch_size, rng), desc=f"classifier epoch {epoch}/{cfg.epochs}",
-                   unit="batch")
+        bar = tqdm(batches, desc=f"classifier epoch {epoch}/{cfg.epochs}", unit="batch",
+                   disable=None if dist.is_main() else True)  # None: only on a terminal
         for batch in bar:
-            input_ids, mask = collate([ids[i] for i in batch], tokenizer.pad_token_id)
+            local = dist.shard(batch)
+            input_ids, mask = collate([ids[i] for i in local], tokenizer.pad_token_id)
             with dev.autocast(device):
-                loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             labels=labels[batch].to(device)).loss
-            losses.append(check_finite(loss, "classifier", step))
-            loss.backward()
+                loss = ddp(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                           labels=labels[local].to(device)).loss
+            dist.for_backward(loss, len(local), len(batch)).backward()  # DDP averages the ranks' gradients
+            losses.append(check_finite(torch.tensor(dist.mean(float(loss.detach()), len(local))), "classifier", step))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -168,12 +220,16 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
             step += 1
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        p_val = predict_proba(model, tokenizer, val_texts, cfg.max_length)
-        val_acc = float(np.mean((p_val >= 0.5) == (np.asarray(val_labels) == 1)))
-        result.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_acc})
-        log.info("classifier epoch %d: train loss %.4f, validation accuracy %.4f", epoch, np.mean(losses), val_acc)
-        if val_acc > result.best_val_accuracy or best_state is None:
-            result.best_epoch, result.best_val_accuracy = epoch, val_acc
+            if step % 200 == 0:
+                log.info("classifier step %d/%d: loss %.3f", step, total, np.mean(losses[-200:]))
+        scores = {name: accuracy(model, tokenizer, texts, y, cfg.max_length) for name, (texts, y) in val.items()}
+        score = float(np.mean(list(scores.values())))
+        result.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": score,
+                              **{f"{name}_accuracy": acc for name, acc in scores.items()}})
+        log.info("classifier epoch %d: train loss %.4f, held-out accuracy %s (mean %.4f)", epoch, np.mean(losses),
+                 ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), score)
+        if score > result.best_val_accuracy or best_state is None:
+            result.best_epoch, result.best_val_accuracy = epoch, score
             best_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     model.eval()

@@ -27,9 +27,15 @@ class DataConfig:
     max_train: int = 0  # cap on IMDB train reviews used (0 = all); smoke runs only
     max_unsup: int = 0  # cap on IMDB unsup reviews used for LM pretraining (0 = all)
     max_test: int = 0  # cap on IMDB test reviews evaluated (0 = all 25,000); smoke runs only
+    # SST-2 validation is never trained or tuned on: SST-2 train rows are held out in its place
+    # (training/data.py, sst2_holdout_split), with their sub-phrases removed from training.
+    sst2_holdout: int = 800  # SST-2 train rows held out (about the validation set's 872)
+    sst2_holdout_min_words: int = 10  # held-out rows have at least this many words (whole sentences, mostly)
 
     def validate(self) -> None:
         _check(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
+        _check(self.sst2_holdout >= 1, "data.sst2_holdout", "must be >= 1")
+        _check(self.sst2_holdout_min_words >= 1, "data.sst2_holdout_min_words", "must be >= 1")
         for name in ("max_train", "max_unsup", "max_test"):
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0 (0 means all)")
 
@@ -98,10 +104,35 @@ class ClassifierConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
+    # The mix: every IMDB training review once per epoch, plus SST-2 train phrases.
+    sst2_repeats: float = 0.0  # passes over SST-2 train[fit] per epoch (0 = IMDB only; 0.5 = a random half)
+    sst2_balance: bool = True  # as many negative as positive SST-2 phrases per epoch (train is 55.8% positive)
+    # Batches are drawn from one length bucket at a time (upper bounds in tokens; the last bucket
+    # runs to max_length), so a 10-token phrase is never padded to a 512-token review.
+    length_buckets: list = field(default_factory=lambda: [32, 128, 256])
+    # Texts per batch in each bucket, one more entry than length_buckets (the last: the open bucket);
+    # short phrases go in bigger batches (a step's fixed cost is then shared). Empty: batch_size everywhere.
+    bucket_batch_sizes: list = field(default_factory=list)
+    # With its own vocabulary (vocab_size > 0): "lower+ptb" lower-cases, joins PTB-split contractions
+    # ("it 's" -> "it's") and strips, inside the saved tokenizer, so SST-2's lower-cased, tokenised
+    # phrases and users' texts meet the same tokens at training and serving time; "none" leaves texts as they are.
+    normalizer: str = "none"
 
     def validate(self) -> None:
         if self.init == SCRATCH:
             _validate_model("classifier", self)
+        _check(self.sst2_repeats >= 0, "classifier.sst2_repeats", "must be >= 0 (0 trains on IMDB only)")
+        _check(all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.length_buckets)
+               and self.length_buckets == sorted(set(self.length_buckets)), "classifier.length_buckets",
+               "must be increasing positive integers (token counts), e.g. [32, 128, 256]")
+        _check(not self.bucket_batch_sizes or (
+            len(self.bucket_batch_sizes) == len(self.length_buckets) + 1
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.bucket_batch_sizes)),
+            "classifier.bucket_batch_sizes", "must be empty or hold one positive integer per bucket "
+            "(len(classifier.length_buckets) + 1)")
+        _check(self.normalizer in ("none", "lower+ptb"), "classifier.normalizer", 'must be "none" or "lower+ptb"')
+        _check(self.normalizer == "none" or (self.vocab_size > 0 and self.init == SCRATCH), "classifier.normalizer",
+               'can only be "lower+ptb" with classifier.vocab_size > 0 (the classifier\'s own tokenizer)')
         _check(self.vocab_size == 0 or (self.vocab_size >= 300 and self.init == SCRATCH), "classifier.vocab_size",
                "must be 0, or >= 300 with classifier.init = \"scratch\"")
         _check(self.max_length >= 8, "classifier.max_length", "must be >= 8")

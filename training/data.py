@@ -147,3 +147,53 @@ def train_val_split(train: Split, val_fraction: float, seed: int) -> tuple[Split
     val_mask[val_idx] = True
     return (train.take(np.flatnonzero(~val_mask), "imdb/train[fit]"),
             train.take(np.flatnonzero(val_mask), "imdb/train[val]"))
+
+
+def sst2_holdout_split(train: Split, n_holdout: int, min_words: int, seed: int) -> tuple[Split, Split]:
+    """Clean SST-2 train, then hold out ``n_holdout`` of its sentences for choosing the mix.
+
+    SST-2 validation stays unseen: this hold-out stands in for it. SST-2 train holds every
+    labelled phrase of its sentences, so a random hold-out would be answered by its own
+    sub-phrases and parents in training. Held out here: random rows of at least ``min_words``
+    words (mostly whole sentences, like the validation set), and removed from training: every
+    row sharing a 5-word span with a held-out row, and every 3-4 word row that is a span of one.
+    Exact duplicates are dropped and the 5 texts carrying both labels are dropped entirely.
+    """
+    texts = [t.strip() for t in train.texts]
+    seen: dict[str, int] = {}
+    conflicting: set[str] = set()
+    for text, label in zip(texts, train.labels.tolist()):
+        if seen.setdefault(text, label) != label:
+            conflicting.add(text)
+    keep, first = [], set()
+    for i, text in enumerate(texts):
+        if text and text not in conflicting and text not in first:
+            first.add(text)
+            keep.append(i)
+    words = {i: texts[i].split() for i in keep}
+    rng = np.random.default_rng(seed + 2)
+    candidates = np.array([i for i in keep if len(words[i]) >= min_words], dtype=int)
+    if len(candidates) < n_holdout:
+        raise DataError(f"{train.name}: only {len(candidates)} rows of >= {min_words} words, fewer than the "
+                        f"{n_holdout} asked for by data.sst2_holdout")
+    held = set(rng.choice(candidates, size=n_holdout, replace=False).tolist())
+    spans5, short_spans = set(), set()
+    for i in held:
+        w = words[i]
+        spans5.update(" ".join(w[k : k + 5]) for k in range(len(w) - 4))
+        for n in (3, 4):
+            short_spans.update(" ".join(w[k : k + n]) for k in range(len(w) - n + 1))
+
+    def leaks(i: int) -> bool:
+        w = words[i]
+        if len(w) >= 5:
+            return any(" ".join(w[k : k + 5]) in spans5 for k in range(len(w) - 4))
+        return len(w) >= 3 and texts[i] in short_spans
+
+    fit = [i for i in keep if i not in held and not leaks(i)]
+    held_idx = [i for i in keep if i in held]
+    log.info("%s: %d rows -> %d for training, %d held out (%d duplicates or conflicting, %d removed as spans of "
+             "held-out sentences)", train.name, len(train), len(fit), len(held_idx), len(train) - len(keep),
+             len(keep) - len(fit) - len(held_idx))
+    clean = Split(train.name, texts, train.labels)
+    return clean.take(fit, "sst2/train[fit]"), clean.take(held_idx, "sst2/train[val]")

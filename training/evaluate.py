@@ -1,7 +1,8 @@
 """Stages ``eval-classifier`` and ``eval-generator``: reports, plots and manifest metrics.
 
 Classifier: IMDB test (all 25,000) and SST-2 validation, with the TF-IDF baseline as a
-reference row. Generator: perplexity on positive IMDB test reviews, then 100 samples from
+reference row, and accuracy by text length (IMDB test in word-count quartiles, SST-2 validation
+in halves) so a user sees where each model is strong. Generator: perplexity on positive IMDB test reviews, then 100 samples from
 "This movie" and 100 from IMDB test review prefixes, each scored by the project classifier
 and by the TF-IDF judge (a model no later tuning stage optimises against).
 """
@@ -25,18 +26,38 @@ from training.metrics import binary_metrics, distinct_n, mean_std, perplexity
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "precision", "recall", "f1", "roc_auc")
+LENGTH_BINS = {"imdb_test": 4, "sst2_validation": 2}  # quantile bins of word count per dataset
+
+
+def accuracy_by_length(texts: list[str], y: np.ndarray, scores: dict[str, np.ndarray], bins: int) -> list[dict]:
+    """Accuracy of each model in ``bins`` word-count quantile bins (whitespace words, as a user
+    counts them), shortest first, then over all texts."""
+    words = np.array([len(t.split()) for t in texts])
+    order = np.argsort(words, kind="stable")
+    rows = []
+    for part in [*np.array_split(order, bins), order] if bins > 1 else [order]:
+        if len(part) == 0:
+            continue
+        row = {"words": f"{words[part].min()}-{words[part].max()}" if len(part) < len(order) else "all",
+               "n": int(len(part)), "mean_words": float(words[part].mean())}
+        for name, p in scores.items():
+            row[name] = float(np.mean((p[part] >= 0.5) == (y[part] == 1)))
+        rows.append(row)
+    return rows
 
 
 def evaluate_classifier(model, tokenizer, max_length: int, judge, datasets: dict, batch_size: int,
                         out: Path) -> dict:
     """``datasets``: key (``imdb_test``, ``sst2_validation``) -> Split. Returns the metrics patch."""
-    report: dict = {"classifier": {}, "baseline": {}}
+    report: dict = {"classifier": {}, "baseline": {}, "by_length": {}}
     for key, split in datasets.items():
         y = (split.labels == 1).astype(int)
         p_model = predict_proba(model, tokenizer, split.texts, max_length, batch_size, progress=f"scoring {key}")
         p_base = baseline_mod.predict_proba(judge, split.texts)
         report["classifier"][key] = binary_metrics(y, p_model)
         report["baseline"][key] = binary_metrics(y, p_base)
+        report["by_length"][key] = accuracy_by_length(split.texts, y, {"classifier": p_model, "baseline": p_base},
+                                                      LENGTH_BINS.get(key, 1))
         plots.roc_curves({"classifier": (y, p_model), "TF-IDF baseline": (y, p_base)}, f"ROC: {key}",
                          out / f"roc_{key}.png")
         plots.confusion_matrix(report["classifier"][key]["confusion_matrix"], f"classifier: {key}",
@@ -56,6 +77,12 @@ def _classifier_markdown(report: dict) -> str:
         for key, m in report[model].items():
             name = "TF-IDF + logistic regression" if model == "baseline" else "project classifier"
             lines.append(f"| {name} | {key} | {m['n']:,} | " + " | ".join(f"{m[k]:.4f}" for k in HEADLINE) + " |")
+    lines += ["", "## Accuracy by length (words)", "",
+              "| dataset | words | n | mean words | project classifier | TF-IDF + logistic regression |",
+              "|---|---|---|---|---|---|"]
+    for key, rows in report.get("by_length", {}).items():
+        lines += [f"| {key} | {r['words']} | {r['n']:,} | {r['mean_words']:.0f} | {r['classifier']:.4f} | "
+                  f"{r['baseline']:.4f} |" for r in rows]
     for key, m in report["classifier"].items():
         (tn, fp), (fn, tp) = m["confusion_matrix"]
         lines += ["", f"## {key}: project classifier", "",
@@ -77,7 +104,7 @@ def positive_perplexity(model, tokenizer, texts: list[str], max_length: int, bat
                      max_length=max_length - 1)["input_ids"]]
     order = np.argsort([len(x) for x in ids])
     total_nll, n_tokens = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", disable=None):
         batch = [ids[i] for i in order[start : start + batch_size]]
         width = max(len(x) for x in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -102,7 +129,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int, o
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     out: list[str] = []
-    for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch"):
+    for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch",
+                      disable=None):
         batch = prompts[start : start + cfg.gen_batch_size]
         enc = tokenizer([generation_prompt(p, tokenizer.bos_token) for p in batch], return_tensors="pt",
                         padding=True, add_special_tokens=False).to(dev.of(model))

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from glowing.text import normalize
 from training import device as dev
+from training import distributed as dist
 from training.config import SCRATCH, LMConfig
 from training.optim import adamw, check_finite, warmup_cosine
 
@@ -67,7 +68,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     chunk = 512
-    with tqdm(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False) as bar:
+    with tqdm(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False, disable=None) as bar:
         for start in range(0, len(texts), chunk):
             batch = [normalize(t) for t in texts[start : start + chunk]]
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
@@ -85,7 +86,9 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
 def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float, warmup: int,
              weight_decay: float, seed: int, stage: str,
              device: torch.device | None = None) -> TrainResult:
-    """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks)."""
+    """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks).
+
+    Under torchrun every rank draws the same global batch and trains on its slice of it."""
     import time
 
     device = device or dev.of(model)
@@ -96,22 +99,27 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     order = rng.permutation(len(blocks))
     cursor, losses = 0, []
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=stage, unit="step")
+    ddp = dist.wrap(model)
+    bar = tqdm(range(steps), desc=stage, unit="step", disable=None if dist.is_main() else True)
     for step in bar:
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(blocks)), 0
-        batch = blocks[torch.from_numpy(order[cursor : cursor + min(batch_size, len(order))])].to(device)
+        rows = order[cursor : cursor + min(batch_size, len(order))]
+        local = dist.shard(rows)
+        batch = blocks[torch.from_numpy(local)].to(device)
         cursor += batch_size
         with dev.autocast(device):
-            loss = model(input_ids=batch, labels=batch).loss
-        losses.append(check_finite(loss, stage, step))
-        loss.backward()
+            loss = ddp(input_ids=batch, labels=batch).loss
+        dist.for_backward(loss, len(local), len(rows)).backward()  # DDP averages the ranks' gradients here
+        losses.append(check_finite(torch.tensor(dist.mean(float(loss.detach()), len(local))), stage, step))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
+        if (step + 1) % 50 == 0:  # progress in logs too, where the bar is off (not a terminal)
+            log.info("%s step %d/%d: loss %.3f", stage, step + 1, steps, float(np.mean(losses[-50:])))
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return TrainResult(steps=steps, tokens=steps * batch_size * blocks.shape[1],

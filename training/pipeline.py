@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from glowing import artifacts as A
+from training import distributed as dist
 from training.config import SCRATCH, Config
-from training.data import Split, data_files, load_split, train_val_split
+from training.data import Split, data_files, load_split, sst2_holdout_split, train_val_split
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ STAGES = ("tokenizer", "lm", "generator", "classifier", "baseline", "eval-classi
 # Run only when named (`--stages rl,eval-rl`, `make rl`): they add about 12 minutes to the cpu preset's
 # 15, past its 20-minute budget, and `make serve` does not need them.
 OPTIONAL = ("rl", "eval-rl")
+# Under torchrun these run on every rank (DDP); the others run on rank 0 while the rest wait.
+DISTRIBUTED = ("lm", "generator", "classifier")
 OUTPUT = {"tokenizer": A.TOKENIZER, "lm": A.LM, "generator": A.GENERATOR, "classifier": A.CLASSIFIER,
           "baseline": A.BASELINE, "eval-classifier": f"{A.REPORTS}/classifier",
           "eval-generator": f"{A.REPORTS}/generator", "rl": A.RL, "eval-rl": f"{A.REPORTS}/rl"}
@@ -104,6 +107,12 @@ class Pipeline:
         return self.train_val[1]
 
     @cached_property
+    def sst2_train_val(self) -> tuple[Split, Split]:
+        """SST-2 train, cleaned, minus a held-out set of its sentences (SST-2 validation stays unseen)."""
+        d = self.cfg.data
+        return sst2_holdout_split(self.split("sst2/train"), d.sst2_holdout, d.sst2_holdout_min_words, self.cfg.seed)
+
+    @cached_property
     def unsup(self) -> Split:
         return self.split("imdb/unsup").head(self.cfg.data.max_unsup)
 
@@ -158,7 +167,11 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------
     def run(self, stages: list[str], force: bool = False) -> dict[str, Any]:
-        self.write_header()
+        if dist.world_size() > 1 and set(stages) & {"rl", "eval-rl"}:
+            raise StageError("stages rl and eval-rl run in one process (TRL drives its own devices): run them "
+                             "without torchrun, e.g. python -m training --stages rl,eval-rl")
+        if dist.is_main():
+            self.write_header()
         for stage in stages:
             self.run_stage(stage, force)
         return A.read_manifest(self.out)
@@ -174,20 +187,38 @@ class Pipeline:
         if rec and not force:
             log.info("stage %-15s inputs or config changed since the last run: rerunning", stage)
         log.info("stage %-15s starts -> %s", stage, self.path(stage))
+        # Only rank 0 writes: the other ranks see its folders after the barriers (one host, one disk).
+        main = dist.is_main()
         final = self.path(stage)
         tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        started = time.perf_counter()
-        try:
-            patch = getattr(S, stage.replace("-", "_"))(self, tmp) or {}
-        except BaseException:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        patch = {}
+        try:
+            if main or stage in DISTRIBUTED:
+                patch = getattr(S, stage.replace("-", "_"))(self, tmp) or {}
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
             log.error("stage %s failed; earlier outputs in %s are untouched", stage, self.out)
             raise
         seconds = time.perf_counter() - started
+        # CPU seconds of this process (all its threads): on a machine shared with other work the wall
+        # time stretches, this does not; on an idle 2-core machine wall ~= cpu_seconds / 2.
+        cpu_seconds = time.process_time() - cpu_started
+        if main:
+            self._publish(stage, tmp, final, fingerprint, seconds, cpu_seconds, patch)
+        dist.barrier()
+        log.info("stage %-15s done in %.1f s", stage, seconds)
+
+    def _publish(self, stage: str, tmp: Path, final: Path, fingerprint: str, seconds: float, cpu_seconds: float,
+                 patch: dict) -> None:
         A.write_json_atomic(tmp / STAGE_RECORD, {
             "stage": stage, "fingerprint": fingerprint, "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu_seconds, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -197,9 +228,9 @@ class Pipeline:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        A.update_manifest(self.out, {"stages": {stage: {"seconds": round(seconds, 2), "fingerprint": fingerprint}},
-                                     **patch})
-        log.info("stage %-15s done in %.1f s", stage, seconds)
+        A.update_manifest(self.out, {"stages": {stage: {"seconds": round(seconds, 2),
+                                                        "cpu_seconds": round(cpu_seconds, 2),
+                                                        "fingerprint": fingerprint}}, **patch})
 
 
 def to_jsonable(value: Any) -> Any:

@@ -17,6 +17,7 @@ from glowing import artifacts as A
 from training import baseline as baseline_mod
 from training import classifier as clf
 from training import device as dev
+from training import distributed as dist
 from training import evaluate as ev
 from training import lm as lm_mod
 from training import tokenizer as tok_mod
@@ -84,8 +85,9 @@ def lm(p: Pipeline, out: Path) -> dict:
                              warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed, stage="lm")
     val_loss = lm_mod.mean_loss(model, val_blocks)
     log.info("lm: train loss %s -> %s, held-out loss %.3f", _fmt(result.first_loss), _fmt(result.last_loss), val_loss)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if dist.is_main():
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
     return {"models": {"lm": _lm_summary(model, result, val_loss, cfg.init)}}
 
 
@@ -112,8 +114,9 @@ def generator(p: Pipeline, out: Path) -> dict:
         top_k=ev_cfg.top_k, top_p=ev_cfg.top_p, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id)
     tok.padding_side = "left"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if dist.is_main():
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
     summary = _lm_summary(model, result, val_loss, "lm fine-tuned on positive IMDB train reviews")
     summary["val_loss_before"] = before
     return {"models": {"generator": summary}}
@@ -123,27 +126,41 @@ def classifier(p: Pipeline, out: Path) -> dict:
     cfg = p.cfg.classifier
     _seed(p, 2)
     tokenizer_dir = p.path("tokenizer")
+    sst2_fit, sst2_val = p.sst2_train_val if cfg.sst2_repeats > 0 else (None, None)
     if cfg.vocab_size:
-        log.info("classifier: training its own byte-level BPE (vocab %d)", cfg.vocab_size)
         tokenizer_dir = out / "bpe"
-        tok_mod.save(tok_mod.train_bpe(p.fit.texts + p.unsup.texts, cfg.vocab_size, p.cfg.tokenizer.min_frequency),
-                     tokenizer_dir)
+        if dist.is_main():
+            log.info("classifier: training its own byte-level BPE (vocab %d, normalizer %s)", cfg.vocab_size,
+                     cfg.normalizer)
+            texts = p.fit.texts + p.unsup.texts + (sst2_fit.texts if sst2_fit else [])
+            tok_mod.save(tok_mod.train_bpe(texts, cfg.vocab_size, p.cfg.tokenizer.min_frequency, cfg.normalizer),
+                         tokenizer_dir)
+        dist.barrier()  # the other ranks load rank 0's tokenizer: one vocabulary for all
     model, tok = clf.build_classifier(cfg, tokenizer_dir, p.path("lm"))
     model.to(dev.resolve(p.cfg.device))
     n_params = sum(x.numel() for x in model.parameters())
-    log.info("classifier: init=%s, %.2fM parameters, %d training reviews, max_length %d",
-             cfg.init, n_params / 1e6, len(p.fit), cfg.max_length)
-    result = clf.train_classifier(model, tok, cfg, p.fit.texts, p.fit.labels, p.val.texts, p.val.labels, p.cfg.seed)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    shutil.rmtree(out / "bpe", ignore_errors=True)  # the tokenizer now sits beside the model
-    (out / "max_length.txt").write_text(f"{cfg.max_length}\n")
+    log.info("classifier: init=%s, %.2fM parameters, %d IMDB training reviews, %s SST-2 phrases, max_length %d",
+             cfg.init, n_params / 1e6, len(p.fit), len(sst2_fit) if sst2_fit else "no", cfg.max_length)
+    val = {"imdb": (p.val.texts, p.val.labels)}
+    if sst2_val is not None:
+        val["sst2"] = (sst2_val.texts, sst2_val.labels)
+    result = clf.train_classifier(model, tok, cfg, p.fit.texts, p.fit.labels, val, p.cfg.seed,
+                                  sst2_fit.texts if sst2_fit else [], sst2_fit.labels if sst2_fit else None)
+    if dist.is_main():
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        shutil.rmtree(out / "bpe", ignore_errors=True)  # the tokenizer now sits beside the model
+        (out / "max_length.txt").write_text(f"{cfg.max_length}\n")
+    last = result.epochs[result.best_epoch - 1]
     return {"models": {"classifier": {"source": cfg.init, "vocab_size": len(tok),
                                       "architecture": model.config.architectures[0]
                                       if model.config.architectures else type(model).__name__,
                                       "parameters": n_params, "max_length": cfg.max_length,
+                                      "normalizer": cfg.normalizer, "sst2_repeats": cfg.sst2_repeats,
+                                      "sst2_train_phrases": len(sst2_fit) if sst2_fit else 0,
                                       "epochs": result.epochs, "best_epoch": result.best_epoch,
                                       "val_accuracy": result.best_val_accuracy,
+                                      **{k: v for k, v in last.items() if k.endswith("_accuracy")},
                                       "train_seconds": round(result.seconds, 1)}}}
 
 
@@ -172,7 +189,8 @@ def eval_classifier(p: Pipeline, out: Path) -> dict:
                                     {"imdb_test": p.imdb_test, "sst2_validation": p.split("sst2/validation")},
                                     p.cfg.eval.batch_size, out)
     A.write_json_atomic(out / "classifier.json", to_jsonable(report))
-    headline = {m: {k: {x: v[x] for x in ev.HEADLINE} for k, v in report[m].items()} for m in report}
+    headline = {m: {k: {x: v[x] for x in ev.HEADLINE} for k, v in report[m].items()}
+                for m in ("classifier", "baseline")}
     return {"metrics": headline}
 
 

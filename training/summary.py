@@ -8,7 +8,9 @@ The README's result tables are this command's output after ``make models``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from glowing.artifacts import flatten, read_manifest
 
@@ -17,6 +19,7 @@ ROWS = [
     ("classifier.imdb_test.f1", "classifier F1, IMDB test"),
     ("classifier.imdb_test.roc_auc", "classifier ROC AUC, IMDB test"),
     ("classifier.sst2_validation.accuracy", "classifier accuracy, SST-2 validation"),
+    ("classifier.sst2_validation.roc_auc", "classifier ROC AUC, SST-2 validation"),
     ("baseline.imdb_test.accuracy", "TF-IDF baseline accuracy, IMDB test"),
     ("baseline.imdb_test.roc_auc", "TF-IDF baseline ROC AUC, IMDB test"),
     ("baseline.sst2_validation.accuracy", "TF-IDF baseline accuracy, SST-2 validation"),
@@ -45,12 +48,28 @@ def summary(root: str) -> str:
              f"({manifest.get('machine', {}).get('platform', '?')}).", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {label} | {metrics[key]:.4f} |" for key, label in ROWS if key in metrics]
+    lines += by_length(root)
     stages = manifest.get("stages", {})
     total = sum(s["seconds"] for s in stages.values())
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {s['seconds']:.0f} |" for name, s in stages.items()]
-    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |")
+    cpu = sum(s.get("cpu_seconds", 0.0) for s in stages.values())
+    lines += ["", "| stage | seconds | CPU seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {s['seconds']:.0f} | {s['cpu_seconds']:.0f} |" if "cpu_seconds" in s else
+              f"| {name} | {s['seconds']:.0f} | n/a |" for name, s in stages.items()]
+    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | {cpu:.0f} |")
     return "\n".join(lines)
+
+
+def by_length(root: str) -> list[str]:
+    """Accuracy by text length (words), from eval-classifier's report, when it exists."""
+    path = Path(root) / "reports/classifier/classifier.json"
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    lines = ["", "| accuracy by length | words | n | classifier | TF-IDF baseline |", "|---|---|---|---|---|"]
+    for key, rows in report.get("by_length", {}).items():
+        lines += [f"| {key} | {r['words']} | {r['n']:,} | {r['classifier']:.4f} | {r['baseline']:.4f} |"
+                  for r in rows]
+    return lines if len(lines) > 3 else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,11 +17,33 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_bpe(texts: list[str], vocab_size: int, min_frequency: int):
+# PTB tokenisation (SST-2: "it 's", "do n't", "the film , however") undone, so that SST-2 phrases
+# and users' texts share tokens. Literal replacements: harmless on text that is not PTB-split.
+PTB_JOINS = [(" n't", "n't"), (" 's", "'s"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"), (" 'd", "'d"),
+             (" 'm", "'m"), (" ,", ","), (" .", "."), (" !", "!"), (" ?", "?"), (" ;", ";"), (" :", ":"),
+             ("-lrb- ", "("), (" -rrb-", ")"), ("( ", "("), (" )", ")")]
+
+
+def normalizer(kind: str):
+    """The tokenizer-level normalizer for ``classifier.normalizer`` (None for "none"). It is saved
+    in tokenizer.json, so the exported model and the service apply it too."""
+    from tokenizers import normalizers
+
+    if kind == "none":
+        return None
+    steps = [normalizers.Lowercase()] + [normalizers.Replace(a, b) for a, b in PTB_JOINS] + [normalizers.Strip()]
+    return normalizers.Sequence(steps)
+
+
+def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, normalize_kind: str = "none"):
+    import sys
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    if normalize_kind != "none":
+        tok.normalizer = normalizer(normalize_kind)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -30,7 +52,7 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int):
         min_frequency=min_frequency,
         special_tokens=[EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=sys.stderr.isatty(),
     )
     tok.train_from_iterator((normalize(t) for t in texts), trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(
