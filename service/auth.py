@@ -1,7 +1,8 @@
 """Optional API-key authentication: ``Authorization: Bearer <key>`` when ``GLOWING_API_KEY`` is set.
 
 Liveness and readiness stay open (``/livez``, ``/readyz`` and BentoML's liveness alias ``/healthz``)
-so that orchestrators can probe without the secret; everything else, ``/metrics`` and the OpenAPI
+so that orchestrators can probe without the secret, and so does the playground page (``/playground``: static,
+no secret in it; its calls to the API carry the key typed into it); everything else, ``/metrics`` and the OpenAPI
 page included, answers 401 without the key. The key is compared in constant time.
 """
 
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import hmac
 
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+PLAYGROUND_PATH = "/playground"
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", PLAYGROUND_PATH})
 CHALLENGE = (b"www-authenticate", b'Bearer realm="glowing"')
 
 

@@ -12,7 +12,8 @@ that are too large, not JSON or invalid against the request model with 4xx *befo
 them (BentoML would answer its own shape and log a traceback per bad request), forwards them as
 JSON, serves ``GET /info`` through the ``POST /info`` endpoint, and rewrites any other error response
 (the probes' included) into the envelope, so that no traceback, path or framework message in another
-shape reaches a client. service/openapi.py makes ``/docs.json`` say all this.
+shape reaches a client. ``GET /playground`` is the page to try the API in a browser (public: the key is
+typed into the page and kept in its memory). service/openapi.py makes ``/docs.json`` say all this.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import logging
 import re
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -36,6 +38,7 @@ OPENAPI_PATH = "/docs.json"
 UNION_MEMBER = re.compile(r"[\[\-]")  # pydantic's loc for a member of a union: "constrained-str", "list[str]"
 TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
 SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # BentoML's answers, errors enveloped
+PLAYGROUND = Path(__file__).parent / "playground.html"  # GET /playground (auth.PLAYGROUND_PATH): public, holds no secret
 
 
 class ApiError(Exception):
@@ -135,6 +138,8 @@ class Guard:
         if not auth.authorized(scope, self.api_key):
             return await ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
                                   ).response()(scope, receive, send)
+        if scope["path"] == auth.PLAYGROUND_PATH:
+            return await self._playground(scope, receive, send)
         if scope["path"] in SYSTEM_PATHS:  # only their errors change (405 on POST /livez, 503 from /readyz)
             return await self.app(scope, receive, send)
         if scope["path"] == OPENAPI_PATH:
@@ -165,6 +170,17 @@ class Guard:
             await self.app(scope, replay, send)
         finally:
             self.in_flight -= 1
+
+    @staticmethod
+    async def _playground(scope, receive, send):
+        """The page to try the API in a browser (service/playground.html: no build, nothing fetched)."""
+        from starlette.responses import Response
+
+        if scope["method"] not in ("GET", "HEAD"):
+            return await ApiError(405, f"{scope['method']} {scope['path']}: use GET").response()(scope, receive, send)
+        response = Response(PLAYGROUND.read_bytes(), media_type="text/html; charset=utf-8",
+                            headers={"Cache-Control": "no-cache"})
+        return await response(scope, receive, send)
 
     async def _admit(self, scope, receive, model: type[BaseModel]) -> bytes:
         method, path = scope["method"], scope["path"]

@@ -47,7 +47,8 @@ EVENT_STREAM = _event_stream('{"index", "delta"} as tokens are made; {"index", "
                              '"finish_reason", "seed"} when a review ends')
 STREAMS = {"/generate": EVENT_STREAM,
            "/reviews": _event_stream('{"index", "candidate", "text", "p_positive", "label", "finish_reason"} per '
-                                     'accepted review once its place is settled; then {"complete", "seed", "stats"}'),
+                                     'accepted review once its place is settled; then {"complete", "seed", "stats", "scores"} '
+                                     '(scores: {"candidate", "p_positive"} per scored candidate, accepted or not)'),
            "/v1/completions": _event_stream('OpenAI completion chunks {"id", "object", "created", "model", '
                                             '"choices": [{"text", "index", "logprobs", "finish_reason", '
                                             '"p_positive"}]}')}
@@ -56,7 +57,22 @@ NOT_FOUND = {"/v1/completions": {"404": {"description": "No such model (param mo
 UNAUTHORIZED = {"401": {"description": "Missing or wrong API key (Authorization: Bearer <key>)", **REF}}
 
 
+def info() -> dict[str, str]:
+    """Glowing's title, description and version for the OpenAPI page (``/``), instead of BentoML's."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("glowing")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"title": "Glowing", "version": version, "description":
+            "Positive movie reviews: a small GPT-2 writes candidates, a classifier scores them (P(positive)). "
+            "Try it in the browser at [/playground](/playground). Every error answers "
+            '`{"error": {"message", "type", "param", "code"}}`.'}
+
+
 def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
+    spec["info"] = {**spec.get("info", {}), **info()}
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ENVELOPE_SCHEMA
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes

@@ -45,6 +45,7 @@ class Outcome:
     tokens: int = 0  # tokens generated for all candidates
     wasted_tokens: int = 0  # of which for candidates that were rejected or cancelled
     elapsed_s: float = 0.0
+    scores: list[dict] | None = None  # {"candidate", "p_positive"} per scored candidate, in order (pipeline)
 
     @property
     def acceptance_rate(self) -> float:
@@ -163,6 +164,7 @@ class Pipeline:
         out.candidates, out.rounds = self._launched, len(self._waves)
         out.cancelled = self._launched - len(self._decided)
         out.scored = len(self._decided)
+        out.scores = [{"candidate": i, "p_positive": d[1]} for i, d in sorted(self._decided.items()) if d is not None]
         out.passed = sum(d is not None and d[1] >= self.min_positive for d in self._decided.values())
         out.tokens = sum(self._tokens.values())
         out.wasted_tokens = sum(t for i, t in self._tokens.items() if i not in kept)

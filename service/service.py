@@ -164,9 +164,10 @@ class Glowing:
         """Up to ``n`` reviews with p_positive >= min_positive: the first passing candidates in candidate
         order, within a budget of ``max_candidates``; ``complete`` is false when the budget ran out first.
         ``"stream": true`` answers Server-Sent Events: each accepted review once its place is settled, then
-        ``{"complete", "seed", "stats"}``, then ``[DONE]``."""
+        ``{"complete", "seed", "stats", "scores"}`` (``scores``: ``{"candidate", "p_positive"}`` per scored
+        candidate, accepted or not, for the playground's chart; null with GLOWING_REVIEWS=rounds), then ``[DONE]``."""
         if request.get("stream"):
-            return await self._sse(self._review_events(request, _seed(request)))
+            return await self._sse(self._review_events(request, _seed(request), scores=True))
         return await self._answer(self._reviews(request))
 
     @bentoml.api(route="/v1/completions", input_spec=COMPLETION)
@@ -326,7 +327,8 @@ class Glowing:
         return schemas.ReviewsResponse(reviews=reviews, complete=final["complete"], seed=seed,
                                        stats=schemas.ReviewsStats(**final["stats"]))
 
-    async def _review_events(self, request: dict, seed: int, stop: list[str] = ()) -> AsyncIterator[dict]:
+    async def _review_events(self, request: dict, seed: int, stop: list[str] = (),
+                             scores: bool = False) -> AsyncIterator[dict]:
         """/reviews as events: ``{"index", "candidate", "text", "p_positive", "label"}`` per accepted
         review in answer order, then ``{"complete", "seed", "stats"}`` (GLOWING_REVIEWS, service/reviews.py)."""
         if self.settings.reviews == "rounds":
@@ -355,7 +357,10 @@ class Glowing:
         stats = schemas.ReviewsStats(candidates=out.candidates, accepted=out.accepted, rounds=out.rounds,
                                      acceptance_rate=out.acceptance_rate, elapsed_ms=round(out.elapsed_s * 1e3, 1),
                                      tokens=out.tokens, cancelled=out.cancelled, wasted_tokens=out.wasted_tokens)
-        yield {"complete": out.complete, "seed": seed, "stats": stats.model_dump()}
+        final = {"complete": out.complete, "seed": seed, "stats": stats.model_dump()}
+        if scores:
+            final["scores"] = out.scores
+        yield final
 
     def _candidates(self, request: dict, seed: int, stop: list[str] = ()):
         """The pipeline's ``rows``: candidate ``i`` is row ``i`` of the request's candidates, sampled with
