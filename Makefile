@@ -10,7 +10,7 @@ TRAIN_ARGS ?=
 # Which trained generator `make export` turns into the served one: finetuned (generator/) or rl (rl/, `make rl`).
 GENERATOR ?= finetuned
 
-.PHONY: help install test models rl clean-models export bench bench-scoring
+.PHONY: help install test playground-screenshot models rl clean-models export bench bench-scoring
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: install  ## run the test suite (offline, tiny models)
 	$(PYTHON) -m pytest -q
+
+playground-screenshot: install  ## docs/playground.png for the README: the playground's headless-Chromium test on the tiny models
+	GLOWING_SCREENSHOT=docs/playground.png $(PYTHON) -m pytest -q tests/test_playground.py -k chromium
 
 models: install  ## train every model into $(ARTIFACTS)/ (PRESET=tiny|cpu|gpu, DATA_DIR=...)
 	$(PYTHON) -m training --preset $(PRESET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --out $(ARTIFACTS) $(TRAIN_ARGS)

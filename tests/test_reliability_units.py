@@ -30,12 +30,13 @@ def test_only_the_bearer_key_passes(header, ok):
     assert auth.authorized(scope(authorization=header), KEY) is ok
 
 
-@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz"])
-def test_probes_need_no_key(path):
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/playground"])
+def test_probes_and_the_playground_page_need_no_key(path):
     assert auth.authorized(scope(path), KEY)
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/docs.json", "/", "/info", "/static_content/index.css"])
+@pytest.mark.parametrize("path", ["/metrics", "/docs.json", "/", "/info", "/static_content/index.css",
+                                  "/playground/x", "/playgroundx"])
 def test_everything_else_needs_it(path):
     assert not auth.authorized(scope(path), KEY)
 
