@@ -38,6 +38,10 @@ OPENAPI_PATH = "/docs.json"
 UNION_MEMBER = re.compile(r"[\[\-]")  # pydantic's loc for a member of a union: "constrained-str", "list[str]"
 TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
 SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # BentoML's answers, errors enveloped
+# BentoML's OpenAPI page (GET /): our title, and without its Google Tag Manager (fetched from the internet)
+INDEX_TITLE = (re.compile(rb"<title>[^<]*</title>"), b"<title>Glowing API</title>")
+INDEX_TRACKER = re.compile(rb"<!-- Google Tag Manager( \(noscript\))? -->.*?<!-- End Google Tag Manager( \(noscript\))? -->",
+                           re.S)
 PLAYGROUND = Path(__file__).parent / "playground.html"  # GET /playground (auth.PLAYGROUND_PATH): public, holds no secret
 
 
@@ -146,6 +150,8 @@ class Guard:
             from service.openapi import document
 
             send = self._rewritten(send, lambda body: json.dumps(document(json.loads(body), self)).encode())
+        if scope["path"] == "/" and scope["method"] == "GET":
+            send = self._rewritten(send, _index, media=b"text/html; charset=utf-8")
         if model is None:  # docs, static files; unknown paths come back 404 in the envelope
             return await self.app(scope, receive, send)
         try:
@@ -221,7 +227,7 @@ class Guard:
         return self._rewritten(send, envelope, errors=True)
 
     @staticmethod
-    def _rewritten(send, transform, errors: bool = False):
+    def _rewritten(send, transform, errors: bool = False, media: bytes = b"application/json"):
         """``send`` that buffers a whole JSON response (errors only, or successes only) and sends
         ``transform(body[, status])`` instead."""
         state: dict[str, Any] = {}
@@ -238,11 +244,15 @@ class Guard:
             status = state["start"]["status"]
             body = transform(state["body"], status) if errors else transform(state["body"])
             headers = [(k, v) for k, v in state["start"]["headers"] if k not in (b"content-length", b"content-type")]
-            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(b"content-type", media), (b"content-length", str(len(body)).encode())]
             await send({**state["start"], "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
         return wrapped
+
+
+def _index(body: bytes) -> bytes:
+    return INDEX_TRACKER.sub(b"", INDEX_TITLE[0].sub(INDEX_TITLE[1], body, count=1))
 
 
 def _as_envelope(status: int, body: bytes) -> dict[str, Any]:

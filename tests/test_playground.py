@@ -163,3 +163,10 @@ def test_playground_in_headless_chromium(server, browser):
     message = wait_text("error")
     assert message.startswith("n: Input should be less than or equal to") and "{" not in message
     assert browser.find_elements(By.CSS_SELECTOR, "#reviews .review") == []
+
+
+def test_the_openapi_page_at_root_is_titled_glowing_and_fetches_nothing_outside(server):
+    page = httpx.get(f"{server.url}/", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>Glowing API</title>" in page.text and "swagger-ui" in page.text
+    assert "googletagmanager" not in page.text and int(page.headers["content-length"]) == len(page.content)
