@@ -13,7 +13,8 @@ them (BentoML would answer its own shape and log a traceback per bad request), f
 JSON, serves ``GET /info`` through the ``POST /info`` endpoint, and rewrites any other error response
 (the probes' included) into the envelope, so that no traceback, path or framework message in another
 shape reaches a client. ``GET /playground`` is the page to try the API in a browser (public: the key is
-typed into the page and kept in its memory). service/openapi.py makes ``/docs.json`` say all this.
+typed into the page and kept in its memory). ``GET /`` (BentoML's OpenAPI page) gets Glowing's title and loses
+BentoML's Google Tag Manager. service/openapi.py makes ``/docs.json`` say all this.
 """
 
 from __future__ import annotations
