@@ -45,7 +45,7 @@ async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[S
     tokens = [0] * len(rows)
     async with aclosing(engine.generate(prompt, rows, stream=deltas or progress > 0)) as steps:
         async for updates in steps:
-            events = []
+            events: dict[int, list] = {}  # one event per row and line: its deltas of every step in it
             for u in updates:
                 if u.tokens is not None:  # not streamed: the row's tokens come with its end
                     detok[u.index].ids.extend(u.tokens)
@@ -63,9 +63,13 @@ async def engine_lines(engine: AsyncEngine, tokenizer, prompt: str, rows: list[S
                     delta += detok[u.index].finish()
                 if delta or u.finish is not None or (progress and u.token is not None
                                                      and tokens[u.index] % progress == 0):
-                    events.append([u.index, delta, u.finish, tokens[u.index]])
+                    if u.index in events:
+                        events[u.index][1] += delta
+                        events[u.index][2:] = [u.finish, tokens[u.index]]
+                    else:
+                        events[u.index] = [u.index, delta, u.finish, tokens[u.index]]
             if events:
-                yield json.dumps(events) + "\n"  # ensure_ascii: see the module docstring
+                yield json.dumps(list(events.values())) + "\n"  # ensure_ascii: see the module docstring
 
 
 async def read_lines(chunks: AsyncIterator[str]) -> AsyncIterator[list]:

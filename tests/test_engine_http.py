@@ -1,5 +1,5 @@
 """The serving engine over HTTP: a real ``bentoml serve`` of the tiny export with a small engine (2 rows,
-a short queue) and a generator slowed to 5 ms a step (tests/slow_service.py) so that work lasts long
+a short queue) and a generator slowed to 10 ms a step (tests/slow_service.py) so that work lasts long
 enough to stream, cancel and overflow."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from service.schemas import GenerationItem
 from test_service_http import SAMPLING, Server
 
 ENGINE = {"GLOWING_ENGINE_MAX_ROWS": "2", "GLOWING_ENGINE_MAX_WAITING": "12", "GLOWING_REVIEWS_ROUND_SIZE": "8",
+          "GLOWING_TEST_STEP_MS": "10",
           "GLOWING_MAX_CANDIDATES": "128"}
 
 
@@ -98,7 +99,7 @@ def test_abandoned_requests_stop_their_rows(server, stream):
     streamed /generate whose clients leave after half a second: their rows are cancelled and the
     engine goes idle."""
     before = server.metrics()
-    path, body = ("/generate", {**SAMPLING, "n": 6, "max_new_tokens": 60, "stream": True}) if stream else \
+    path, body = ("/generate", {**SAMPLING, "n": 12, "max_new_tokens": 60, "stream": True}) if stream else \
         ("/reviews", {**SAMPLING, "n": 4, "min_positive": 1.0, "max_candidates": 128, "max_new_tokens": 60})
     started = time.monotonic()
     try:

@@ -403,7 +403,8 @@ class AsyncEngine:
     """The engine from asyncio: ``async for updates in engine.generate(prompt, rows)``.
 
     Updates cross from the engine's thread to the event loop once per step (one
-    ``call_soon_threadsafe`` for every request that changed). Leaving the ``async for`` early
+    ``call_soon_threadsafe`` for every request that changed); a consumer slower than the engine gets
+    the steps it missed together, in order, so that its per-update work shrinks as load grows. Leaving the ``async for`` early
     (the consumer was cancelled, the client went away, a timeout) cancels the request's rows."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None):
@@ -419,6 +420,8 @@ class AsyncEngine:
         try:
             while open_rows:
                 updates = await queue.get()
+                while not queue.empty():  # a consumer that fell behind takes every step waiting, in order
+                    updates = updates + queue.get_nowait()
                 open_rows -= sum(u.finish is not None for u in updates)
                 if request.error is not None and any(u.finish == ERROR for u in updates):
                     raise GenerationError(f"the generator failed: {type(request.error).__name__}") \
