@@ -230,6 +230,30 @@ def test_async_errors_raise_generation_error(generator):
         engine.stop()
 
 
+def test_an_unexpected_error_in_a_step_fails_the_running_rows_and_the_loop_goes_on(generator):
+    engine = Engine(generator)
+    original, broken = engine._admit, {"once": True}
+
+    def admit():
+        if engine.running and broken.pop("once", False):
+            raise TypeError("a bug")
+        return original()
+
+    engine._admit = admit
+    engine.start()
+    try:
+        failed, done = threading.Event(), threading.Event()
+        victim = Recorder(1)
+        engine.submit(PROMPTS[1], [sampled(1, 30)],
+                      lambda ups: (victim(ups), failed.set() if victim.finish[0] else None))
+        assert failed.wait(10) and victim.finish == [ERROR]
+        after = Recorder(1)
+        engine.submit("This movie", [sampled(2, 10)], lambda ups: (after(ups), done.set() if after.finish[0] else None))
+        assert done.wait(10) and after.tokens[0] == alone(generator, "This movie", sampled(2, 10))
+    finally:
+        engine.stop()
+
+
 def test_idle_engine_starts_a_row_at_once(generator):
     """No batching wait: the loop thread wakes on submit."""
     engine = Engine(generator)

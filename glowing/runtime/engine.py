@@ -216,8 +216,12 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception:  # a bug here must not kill the only thread that serves generation
-                log.exception("engine step failed; its rows were failed, the engine goes on")
+            except Exception as err:  # a bug here must not kill the only thread that serves generation
+                log.exception("engine step failed; its running rows fail, the engine goes on")
+                out: dict[Request, list[RowUpdate]] = {}
+                self._fail([r for c in self._cohorts for r in c.rows], err, out)
+                self._cohorts = []
+                self.deliver(list(out.items()))
 
     # ---- one iteration: the engine's thread only ----------------------------------------------------
 
