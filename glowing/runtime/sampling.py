@@ -71,8 +71,83 @@ def sample_row(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Ge
 
 def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
                 rngs: Sequence[np.random.Generator]) -> np.ndarray:
-    """One token per row of ``logits`` (shape ``(batch, vocab)``), each row by its own settings."""
-    if all(s.greedy for s in settings):
-        return np.argmax(logits, axis=-1).astype(np.int64)
+    """One token per row of ``logits`` (shape ``(batch, vocab)``), each row by its own settings.
+
+    Exactly the token ``sample_row`` gives each row (tests/test_sampling.py), computed for the
+    whole batch at once: rows that share a ``top_k`` go through one vectorized top-k / top-p /
+    inverse-CDF draw (``_sample_top_k``); greedy rows take an argmax; a row without top-k, or whose
+    k-th and (k+1)-th largest logits tie (where the per-row partition's choice decides), goes
+    through ``sample_row``. Each row still draws one number from its own generator.
+    """
+    n = len(settings)
+    out = np.empty(n, dtype=np.int64)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(settings):
+        if s.greedy:
+            out[i] = int(np.argmax(logits[i]))
+        elif 0 < s.top_k < logits.shape[1]:
+            groups.setdefault(s.top_k, []).append(i)
+        else:
+            out[i] = sample_row(logits[i], s, rngs[i])
+    for k, rows in groups.items():
+        idx = np.asarray(rows)
+        sub = logits if len(rows) == n else logits[idx]
+        tokens, tied, draws = _sample_top_k(sub, k, [settings[i] for i in rows], [rngs[i] for i in rows])
+        out[idx] = tokens
+        for j in np.flatnonzero(tied):  # sample_row again, with the number this row's generator gave
+            out[rows[j]] = sample_row(logits[rows[j]], settings[rows[j]], _Drawn(float(draws[j])))
+    return out
+
+
+def next_tokens_per_row(logits: np.ndarray, settings: Sequence[SamplingSettings],
+                        rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """``next_tokens`` one row at a time through ``sample_row``: the reference, and the baseline
+    ``export.bench_decode`` measures against."""
     return np.fromiter((sample_row(row, s, rng) for row, s, rng in zip(logits, settings, rngs)),
                        dtype=np.int64, count=len(settings))
+
+
+class _Drawn:
+    """Stands for a row's generator in ``sample_row``: gives the number already drawn this step."""
+
+    def __init__(self, value: float):
+        self._value = value
+
+    def random(self) -> float:
+        return self._value
+
+
+def _sample_top_k(logits: np.ndarray, k: int, settings: Sequence[SamplingSettings],
+                  rngs: Sequence[np.random.Generator]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sample_row`` for rows that all have ``top_k == k`` and a temperature > 0, vectorized.
+    Returns the tokens, which rows had a tie at the top-k boundary (their token must be redone),
+    and the uniform number each row drew."""
+    rows, vocab = logits.shape
+    at = np.arange(rows)
+    # The k largest logits (top-k on the float32 logits picks the same set as on logits / T in
+    # float64: dividing by T > 0 keeps the order, and distinct float32 values stay distinct).
+    part = np.argpartition(logits, vocab - k - 1, axis=-1)[:, vocab - k - 1 :]  # (k+1)-th largest, then the k
+    values = np.take_along_axis(logits, part, axis=-1)
+    tied = values[:, 1:].min(axis=-1) == values[:, 0]
+    tokens = np.sort(part[:, 1:], axis=-1)  # token-id order, as sample_row's np.sort
+    temperature = np.fromiter((s.temperature for s in settings), dtype=np.float64, count=rows)
+    x = np.take_along_axis(logits, tokens, axis=-1).astype(np.float64) / temperature[:, None]
+    top_p = np.fromiter((s.top_p for s in settings), dtype=np.float64, count=rows)
+    nucleus = top_p < 1.0
+    if nucleus.any():  # most likely first, ties in token-id order; rows without top-p stay in token-id order
+        order = np.argsort(-x, axis=-1, kind="stable")
+        if not nucleus.all():
+            order[~nucleus] = np.arange(k)
+        x = np.take_along_axis(x, order, axis=-1)
+        tokens = np.take_along_axis(tokens, order, axis=-1)
+    tied |= ~np.isfinite(x).all(axis=-1)  # an overflow (a tiny temperature): sample_row's own arithmetic
+    with np.errstate(invalid="ignore", over="ignore"):  # those rows are redone
+        cumulative = np.cumsum(np.exp(x - x.max(axis=-1, keepdims=True)), axis=-1)
+    # sample_row's searchsorted(cumulative, top_p * total) + 1, and its draw's searchsorted(side="right"),
+    # as counts (cumulative is sorted); sample_row computes the same float64 numbers in the same order.
+    keep = np.where(nucleus, (cumulative < (top_p * cumulative[:, -1])[:, None]).sum(axis=-1) + 1, k)
+    keep = np.minimum(keep, k)
+    draws = np.fromiter((rng.random() for rng in rngs), dtype=np.float64, count=rows)
+    draw = draws * cumulative[at, keep - 1]
+    index = np.minimum((cumulative <= draw[:, None]).sum(axis=-1), keep - 1)
+    return tokens[at, index], tied, draws
