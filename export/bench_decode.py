@@ -52,12 +52,16 @@ from export.bench import machine, race
 from glowing import artifacts as A
 from glowing import logs
 from glowing.runtime import Generator, ModelFileError, SamplingSettings, load_generator
+from glowing.runtime import generator as generator_module
 from glowing.runtime.engine import Engine
+from glowing.runtime.files import ONNX_FILES
+from glowing.runtime.sampling import next_tokens_per_row
 
 log = logging.getLogger("export.bench_decode")
 SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
 BATCHES, NEW_TOKENS, REPEATS, GREEDY_PROMPTS, GREEDY_TOKENS = (1, 8, 32), 64, 9, 4, 20
-OURS = ("ORT loop", "engine")
+BEFORE = "before"  # Optimum's graph with the per-row sampler: what the export served until the rebuilt graph
+ENGINE = ("ORT loop",)  # contenders also timed through the serving engine (as "engine", "engine int8"...)
 REFERENCE = "CT2 fp32"
 CT2_MISSING = "ctranslate2 is not installed: the CTranslate2 rows are skipped (pip install -e '.[bench]')"
 
@@ -76,11 +80,7 @@ def convert_ct2(model_dir: Path, cache: Path, pad_token: str) -> Path:
     tokenizer, which CTranslate2 4.8 refuses to load: it becomes the pad token."""
     import ctranslate2
 
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
-        if (model_dir / name).is_file():
-            digest.update((model_dir / name).read_bytes())
-    out = cache / f"{model_dir.name}-{digest.hexdigest()[:12]}"
+    out = cache / f"{model_dir.name}-{_weights_digest(model_dir)}"
     if (out / "model.bin").is_file():
         return out
     tmp = cache / f".{out.name}.tmp"
@@ -198,13 +198,16 @@ def prompts_from(data_dir: str | None, n: int) -> tuple[list[str], str]:
     return [prompts[i % len(prompts)] for i in range(n)], payload["source"]
 
 
-def bench(gen: Generator, peers: dict[str, Any], prompts: list[str], batches: tuple[int, ...], new: int,
-          repeats: int, clock: str) -> list[dict[str, Any]]:
+def bench(ours: dict[str, Generator], peers: dict[str, Any], prompts: list[str], batches: tuple[int, ...],
+          new: int, repeats: int, clock: str, engine: tuple[str, ...] = ENGINE) -> list[dict[str, Any]]:
+    """Every contender at every batch: ``ours`` through ``Generator.generate_ids`` (the ``before``
+    one with the per-row sampler it had), those named in ``engine`` also through the serving engine."""
+    first = next(iter(ours.values()))
     rows = []
     for batch in batches:
         some = prompts[:batch]
         settings = [SamplingSettings(max_new_tokens=new, seed=i, **SAMPLING) for i in range(batch)]
-        ids = gen.encode(some, settings)[0]
+        ids = first.encode(some, settings)[0]
         returned: dict[str, list[int]] = {}
 
         def counted(name: str, fn: Callable[[], list[list[int]]]) -> Callable[[], int]:
@@ -214,8 +217,15 @@ def bench(gen: Generator, peers: dict[str, Any], prompts: list[str], batches: tu
                 return returned[name][-1]
             return run
 
-        work = {"ORT loop": counted("ORT loop", lambda: gen.generate_ids(some, settings)),
-                "engine": counted("engine", lambda: engine_ids(gen, some, settings))}
+        work = {}
+        for name, gen in ours.items():
+            if name == BEFORE:
+                work[name] = counted(name, lambda g=gen: per_row_sampling(g.generate_ids, some, settings))
+            else:
+                work[name] = counted(name, lambda g=gen: g.generate_ids(some, settings))
+            if name in engine:
+                label = "engine" + name.removeprefix("ORT loop")
+                work[label] = counted(label, lambda g=gen: engine_ids(g, some, settings))
         for name, peer in peers.items():
             inputs = peer.tokens(ids) if isinstance(peer, CT2) else ids
             work[name] = counted(name, lambda p=peer, x=inputs: p.sample(x, new))
@@ -224,6 +234,46 @@ def bench(gen: Generator, peers: dict[str, Any], prompts: list[str], batches: tu
         log.info("batch %2d: %s", batch, ", ".join(f"{n} {row[n]:.0f} tok/s" for n in work))
         rows.append(row)
     return rows
+
+
+def per_row_sampling(fn: Callable, *args):
+    """``fn(*args)`` with the decoding loop sampling one row at a time, as it did before the
+    batched sampler (``sampling.next_tokens_per_row``: the same tokens, the old cost)."""
+    original = generator_module.next_tokens
+    generator_module.next_tokens = next_tokens_per_row
+    try:
+        return fn(*args)
+    finally:
+        generator_module.next_tokens = original
+
+
+def optimum_graph(model_dir: Path, cache: Path) -> Path:
+    """Optimum's own decoding graph of ``model_dir`` (what ``python -m export`` served before it
+    rebuilt the graph, export/decoder_graph.py), exported once per weights into ``cache``."""
+    from export.onnx_export import TASKS, export_model  # noqa: F401  (the task the export uses)
+    from optimum.exporters.onnx import main_export
+    import warnings
+
+    out = cache / f"optimum-{_weights_digest(model_dir)}"
+    if (out / "model.onnx").is_file():
+        return out
+    tmp = cache / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(model_dir), output=str(tmp), task=TASKS[A.GENERATOR], device="cpu", do_validation=False)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("Optimum's graph of %s -> %s", model_dir, out)
+    return out
+
+
+def _weights_digest(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            digest.update((model_dir / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -244,8 +294,13 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         cells = [f"{r[n]:.0f}" + (f" ({r[n] / r[ref]:.2f}x)" if ref else "") for n in names]
         lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
-    lines += ["", "New tokens per row, mean over passes (CT2 and HF are forced to the full count; our loop and "
-              "the engine stop a row at end of text and are counted as returned): " +
+    how = ("our rows stop at end of text (--stop-at-eos) and are counted as returned" if report.get("stop_at_eos")
+           else "ours too (end of text ignored)")
+    if ref and "CT2 int8" in names:
+        lines += ["", "int8 against CT2 int8: " + "; ".join(
+            f"batch {r['batch']}: " + ", ".join(f"{n} {r[n] / r['CT2 int8']:.2f}x" for n in names if "int8" in n
+                                                and n != "CT2 int8") for r in report["rows"])]
+    lines += ["", f"New tokens per row, mean over passes (CT2 and HF are forced to the full count; {how}): " +
               "; ".join(f"batch {r['batch']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["new_tokens_per_row"].items())
                         for r in report["rows"])]
     g = report.get("greedy")
@@ -271,6 +326,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or process CPU time")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate")
+    ap.add_argument("--no-before", dest="before", action="store_false",
+                    help="skip the 'before' contender (Optimum's graph, exported once into OUT/optimum/, with the "
+                         "per-row sampler)")
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="let our rows stop at end of text (default: exactly --max-new-tokens per row, like "
+                         "CTranslate2 and HF, which are always forced to it)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profile of our loop")
     ap.add_argument("--profile-batches", default="8,32", help="batches the profile runs at (8,32)")
     ap.add_argument("--smoke", action="store_true", help="batch 1 and 2, 8 new tokens, 1 pass, profile at batch 2")
@@ -295,8 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     artifacts, out = Path(args.artifacts), Path(args.out)
     greedy_tokens = min(GREEDY_TOKENS, args.max_new_tokens)
     try:
-        gen = load_generator(artifacts / "onnx" / "generator", "onnx", "cpu", threads=args.threads)
+        onnx_dir = artifacts / "onnx" / "generator"
+        gen = load_generator(onnx_dir, "onnx", "cpu", threads=args.threads)
         source = trained_generator_dir(artifacts)
+        ours = {"ORT loop": gen}
+        if (onnx_dir / ONNX_FILES["int8"]).is_file():
+            ours["ORT loop int8"] = load_generator(onnx_dir, "onnx", "cpu", "int8", threads=args.threads)
+        if args.before:
+            ours = {BEFORE: load_generator(optimum_graph(source, out / "optimum"), "onnx", "cpu",
+                                           threads=args.threads), **ours}
+        if not args.stop_at_eos:  # every row makes exactly --max-new-tokens, as CTranslate2 and HF are made to
+            ours = {name: Generator(g.lm, g.codec, n_positions=g.n_positions, eos_ids=set(), info=g.info())
+                    for name, g in ours.items()}
         prompts, prompt_source = prompts_from(args.data_dir, max(batches + profile_batches + (GREEDY_PROMPTS,)))
         peers: dict[str, Any] = {}
         try:
@@ -321,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "clock": args.clock, "threads": args.threads or "all cores",
         "max_new_tokens": args.max_new_tokens, "machine": machine(), "ctranslate2": version,
         "model": {k: config.get(k) for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
-        "prompt_source": prompt_source, "generator_source": str(source)}
+        "prompt_source": prompt_source, "generator_source": str(source), "stop_at_eos": args.stop_at_eos,
+        "graphs": {name: g.info()["model_file"] for name, g in ours.items()}}
     report["greedy"] = greedy_check(gen, peers, prompts[:GREEDY_PROMPTS], greedy_tokens)
     started = time.perf_counter()
-    report["rows"] = bench(gen, peers, prompts, batches, args.max_new_tokens, args.repeats, args.clock)
+    report["rows"] = bench(ours, peers, prompts, batches, args.max_new_tokens, args.repeats, args.clock)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
     report["profile"] = [decode_profile.profile(gen, prompts[:b], args.max_new_tokens, SAMPLING, out / "ort-profile",
                                                   args.threads)

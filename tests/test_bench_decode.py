@@ -29,16 +29,19 @@ def test_smoke_run_writes_the_table_and_the_profile(smoke):
     out, report, printed = smoke
     assert [r["batch"] for r in report["rows"]] == [1, 2]
     for row in report["rows"]:
-        assert row["ORT loop"] > 0 and row["engine"] > 0 and row["HF generate"] > 0
-        assert 0 < row["new_tokens_per_row"]["ORT loop"] <= 8
-        assert row["new_tokens_per_row"]["HF generate"] == 8  # forced to the full count
+        for name in ("before", "ORT loop", "engine", "ORT loop int8", "HF generate"):
+            assert row[name] > 0, name
+            assert row["new_tokens_per_row"][name] == 8, name  # every contender forced to the full count
+    # before = Optimum's own graph, exported by the benchmark; ours = the export's rebuilt graph and its int8
+    assert "optimum" in report["graphs"]["before"] and report["graphs"]["ORT loop"].endswith("generator/model.onnx")
+    assert report["graphs"]["ORT loop int8"].endswith("generator/model_quantized.onnx")
     assert report["greedy"]["HF generate"]["identical"] == report["greedy"]["prompts"]
     [profile] = report["profile"]
     assert profile["batch"] == 2 and profile["steps"] >= 1
     assert sum(profile["share"].values()) == pytest.approx(1.0)
     assert profile["ort_ops"]["op_share_of_kernels"]  # ORT's profiler saw the decoding steps
     table = (out / "bench_decode.md").read_text()
-    assert "| batch | ORT loop | engine |" in table and "Where our loop's time goes" in table
+    assert "| batch | before | ORT loop | engine | ORT loop int8 |" in table and "Where our loop's time goes" in table
     assert table in printed
 
 
@@ -53,6 +56,16 @@ def test_ctranslate2_converts_the_model_and_agrees_with_ours(smoke):
     for row in report["rows"]:
         assert row["CT2 fp32"] > 0 and row["CT2 int8"] > 0
         assert row["new_tokens_per_row"]["CT2 fp32"] == 8  # min_length = max_length
+
+
+def test_stop_at_eos_counts_the_tokens_returned(exported, export_data_dir, tmp_path):
+    from export.bench_decode import main
+
+    assert main(["--artifacts", str(exported), "--data-dir", str(export_data_dir), "--out", str(tmp_path),
+                 "--smoke", "--no-hf", "--no-profile", "--no-before", "--stop-at-eos"]) == 0
+    report = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert report["stop_at_eos"] and "before" not in report["rows"][0]
+    assert all(0 < r["new_tokens_per_row"]["ORT loop"] <= 8 for r in report["rows"])
 
 
 def test_without_ctranslate2_the_ct2_rows_are_skipped_with_the_install_command(exported, export_data_dir, tmp_path,

@@ -91,10 +91,14 @@ def load_scorer(model_dir: str | Path, backend: str = "onnx", device: str = "aut
 
 def load_generator(model_dir: str | Path, backend: str = "onnx", device: str = "auto", precision: str = "fp32", *,
                    threads: int | None = None) -> Generator:
-    """A review generator. ``precision``: fp32, or fp16 (GPU); there is no int8 generator."""
+    """A review generator. ``precision``: fp32, int8 (ONNX on CPU: the export's dynamic int8 of the
+    decoding graph) or fp16 (GPU)."""
     _check_backend(backend)
-    if precision not in ("fp32", "fp16"):
-        raise DeviceError(f"precision={precision!r}: the generator is exported in fp32 and fp16 only")
+    if precision not in ("fp32", "int8", "fp16"):
+        raise DeviceError(f"precision={precision!r}: the generator is exported in fp32, int8 (CPU) and fp16")
+    if precision == "int8" and backend != "onnx":
+        raise DeviceError("precision=int8: the int8 generator is an ONNX export (python -m export); "
+                          "use backend=onnx, or fp32 with backend=torch")
     path = resolve_model_dir(model_dir, GENERATOR, backend)
     fix = rebuild_hint(path, backend)
     config = read_json(path / "config.json", "the model config", fix)

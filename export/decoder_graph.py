@@ -1,0 +1,163 @@
+"""The generator's decoding graph, rebuilt on ONNX Runtime's fused transformer operators.
+
+Why: Optimum's ``text-generation-with-past`` export of GPT-2 (transformers 4.57) is about 600
+nodes for 4 layers (``Shape``/``Gather``/``Unsqueeze``/``Concat`` chains that rebuild the
+causal mask and head shapes on every call, attention as separate ``MatMul``/``Softmax``/
+``Where`` ops), and ORT's transformer optimizer does not recognise that pattern. A decoding
+step of a small model is dominated by the per-node overhead, not by arithmetic: ``python -m
+export.bench_decode`` profiles it ("Inside session.run").
+
+The graph written here computes the same function (parity: ``export.parity``, greedy tokens
+identical to PyTorch ``generate``) with, per layer, ``SkipLayerNormalization`` (residual add +
+layer norm), ``MatMul`` for the weight products, ``com.microsoft.MultiHeadAttention`` (causal,
+key padding mask, KV cache in and out) and ``FastGelu``; the LM head runs on the last position
+only. Inputs and outputs keep the names and layouts of Optimum's merged decoder (``input_ids``,
+``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` (batch, heads, past,
+head_dim) -> ``logits`` (batch, 1, vocab), ``present.{i}.key|value``), so the runtime feeds both
+alike. It runs on ORT's CPU and CUDA providers; int8 (``export.quantize.quantize_generator_int8``)
+is built from it.
+
+Only plain GPT-2 checkpoints are rebuilt (``supported``): another architecture or an option
+this builder does not implement keeps Optimum's graph, with a log line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+GRAPH_NAME = "glowing-gpt2-decoder"
+ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu": "BiasGelu"}
+IR_VERSION = 9  # onnxruntime 1.31 reads IR <= 13; 9 is what opset 17 needs
+
+
+def supported(config: dict) -> str | None:
+    """None when ``config`` is a GPT-2 this builder rebuilds, else the reason it is not."""
+    if config.get("model_type") != "gpt2":
+        return f"model_type {config.get('model_type')!r} is not gpt2"
+    if config.get("activation_function", "gelu_new") not in ACTIVATIONS:
+        return f"activation_function {config.get('activation_function')!r} has no fused kernel here"
+    if config.get("add_cross_attention"):
+        return "cross-attention layers"
+    return None
+
+
+def build(model_dir: Path, out: Path) -> bool:
+    """Write the decoding graph of the PyTorch checkpoint in ``model_dir`` to ``out``; False (and
+    nothing written) when the checkpoint is not one ``supported`` rebuilds."""
+    config = json.loads((model_dir / "config.json").read_text())
+    reason = supported(config)
+    if reason:
+        log.warning("generator %s: %s; serving Optimum's decoding graph", model_dir, reason)
+        return False
+    import onnx
+
+    model = _graph(config, _weights(model_dir))
+    onnx.checker.check_model(model)
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save(model, tmp)
+    tmp.replace(out)
+    return True
+
+
+def _weights(model_dir: Path) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors by transformers' names (``transformer.`` prefix removed), whatever
+    the file format (safetensors or pytorch_model.bin), through transformers itself."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        state = {k.removeprefix("transformer."): v.detach().cpu().numpy().astype(np.float32)
+                 for k, v in model.state_dict().items()}
+    state.setdefault("lm_head.weight", state["wte.weight"])  # tied
+    return state
+
+
+def _graph(config: dict, w: dict[str, np.ndarray]):
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    layers, hidden, heads = config["n_layer"], config["n_embd"], config["n_head"]
+    head_dim, eps, vocab = hidden // heads, float(config.get("layer_norm_epsilon", 1e-5)), config["vocab_size"]
+    activation = ACTIVATIONS[config.get("activation_function", "gelu_new")]
+    nodes, initializers = [], []
+
+    def const(name: str, array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(op_type: str, inputs: list[str], outputs: list[str], **attrs) -> list[str]:
+        domain = "com.microsoft" if op_type in ("MultiHeadAttention", "SkipLayerNormalization", "FastGelu",
+                                                "BiasGelu") else ""
+        nodes.append(helper.make_node(op_type, inputs, outputs, name=outputs[0], domain=domain, **attrs))
+        return outputs
+
+    inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", T.INT64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", T.INT64, ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", T.FLOAT, ["batch_size", 1, vocab])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", T.FLOAT,
+                                                        ["batch_size", heads, "past_sequence_length", head_dim]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", T.FLOAT,
+                                                         ["batch_size", heads, "total_sequence_length", head_dim]))
+
+    tokens, = op("Gather", [const("wte", w["wte.weight"]), "input_ids"], ["tokens"])
+    places, = op("Gather", [const("wpe", w["wpe.weight"]), "position_ids"], ["places"])
+    residual, = op("Add", [tokens, places], ["embedded"])
+    mask, = op("Cast", ["attention_mask"], ["mask_int32"], to=T.INT32)
+    normed, = op("LayerNormalization", [residual, const("h.0.ln_1.weight", w["h.0.ln_1.weight"]),
+                                        const("h.0.ln_1.bias", w["h.0.ln_1.bias"])], ["h.0.ln_1"], epsilon=eps, axis=-1)
+    scale = 1.0 / np.sqrt(head_dim) if config.get("scale_attn_weights", True) else 1.0
+    for i in range(layers):
+        p = f"h.{i}."
+        qkv, = op("MatMul", [normed, const(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"])], [p + "qkv"])
+        q, k, v = op("Split", [qkv, const(p + "qkv.split", np.array([hidden] * 3, np.int64))],
+                     [p + "q", p + "k", p + "v"], axis=-1)
+        layer_scale = scale / (i + 1) if config.get("scale_attn_by_inverse_layer_idx") else scale
+        attended, _, _ = op("MultiHeadAttention",
+                            [q, k, v, const(p + "attn.c_attn.bias", w[p + "attn.c_attn.bias"]), mask, "",
+                             f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+                            [p + "attn", f"present.{i}.key", f"present.{i}.value"],
+                            num_heads=heads, unidirectional=1, scale=float(layer_scale))
+        projected, = op("MatMul", [attended, const(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])],
+                        [p + "attn.out"])
+        normed, _, _, residual = op("SkipLayerNormalization",
+                                    [projected, residual, const(p + "ln_2.weight", w[p + "ln_2.weight"]),
+                                     const(p + "ln_2.bias", w[p + "ln_2.bias"]),
+                                     const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
+                                    [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"],
+                                    epsilon=eps)
+        up, = op("MatMul", [normed, const(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [p + "mlp.up"])
+        act, = op(activation, [up, const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [p + "mlp.act"])
+        down, = op("MatMul", [act, const(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])], [p + "mlp.down"])
+        ln = "ln_f" if i == layers - 1 else f"h.{i + 1}.ln_1"
+        normed, _, _, residual = op("SkipLayerNormalization",
+                                    [down, residual, const(ln + ".weight", w[ln + ".weight"]),
+                                     const(ln + ".bias", w[ln + ".bias"]),
+                                     const(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"])],
+                                    [ln, ln + ".mean", ln + ".inv_std", p + "residual.mlp"], epsilon=eps)
+    # The LM head on the last position only: left padding puts every row's newest token there.
+    last, = op("Slice", [normed, const("last.start", np.array([-1], np.int64)),
+                         const("last.end", np.array([np.iinfo(np.int64).max], np.int64)),
+                         const("last.axis", np.array([1], np.int64))], ["last_position"])
+    op("MatMul", [last, const("lm_head.weight.T", w["lm_head.weight"].T)], ["logits"])
+    graph = helper.make_graph(nodes, GRAPH_NAME, inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                         producer_name="glowing export.decoder_graph")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def is_rebuilt(path: Path) -> bool:
+    """Whether ``path`` holds this module's graph (not Optimum's)."""
+    import onnx
+
+    return onnx.load(path, load_external_data=False).graph.name == GRAPH_NAME
