@@ -236,6 +236,49 @@ def bench(ours: dict[str, Generator], peers: dict[str, Any], prompts: list[str],
     return rows
 
 
+def thread_table(onnx_dir: Path, batches: tuple[int, ...], repeats: int, past: int = 64,
+                 calls: int = 20) -> list[dict[str, Any]]:
+    """ms per decoding call (ONNX Runtime alone, a cache of ``past`` positions) for fp32 and int8
+    at 1 intra-op thread and at all cores, with and without the pool's spin-waiting: one session
+    each, taking turns (``race``), so that the choice of ``GLOWING_THREADS`` is measured here."""
+    import onnxruntime as ort
+
+    from glowing.runtime.onnx_backend import OnnxCausalLM
+
+    cores = os.cpu_count() or 1
+    variants = [(p, t, spin) for p in ("fp32", "int8") if (onnx_dir / ONNX_FILES[p]).is_file()
+                for t, spin in ((1, True), (cores, True), (cores, False)) if t > 1 or spin]
+    config = json.loads((onnx_dir / "config.json").read_text())
+    sessions = {}
+    for precision, threads, spin in variants:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        path = onnx_dir / ONNX_FILES[precision]
+        name = f"{precision} {threads}t" + ("" if spin else " no-spin")
+        sessions[name] = OnnxCausalLM(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
+                                      path, config, "")
+    heads, head_dim = config["n_head"], config["n_embd"] // config["n_head"]
+    rows = []
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        cache = [rng.standard_normal((batch, heads, past, head_dim)).astype(np.float32)
+                 for _ in range(2 * config["n_layer"])]
+        ids = rng.integers(0, config["vocab_size"], (batch, 1))
+        mask, positions = np.ones((batch, past + 1), dtype=np.int64), np.full((batch, 1), past, dtype=np.int64)
+
+        def step(lm=None) -> int:
+            for _ in range(calls):
+                lm.forward(ids, mask, positions, cache)
+            return calls
+
+        rates = race({name: (lambda lm=lm: step(lm)) for name, lm in sessions.items()}, repeats, "wall")
+        rows.append({"batch": batch, "past": past, **{n: 1000.0 / rates[n] for n in sessions}})
+        log.info("threads, batch %2d: %s", batch, ", ".join(f"{n} {rows[-1][n]:.3f} ms" for n in sessions))
+    return rows
+
+
 def per_row_sampling(fn: Callable, *args):
     """``fn(*args)`` with the decoding loop sampling one row at a time, as it did before the
     batched sampler (``sampling.next_tokens_per_row``: the same tokens, the old cost)."""
@@ -308,6 +351,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Greedy check ({g['tokens']} tokens, {g['prompts']} prompts, one batch): " +
                   "; ".join(f"ours vs {k}: {v['identical']}/{g['prompts']} identical"
                             for k, v in g.items() if isinstance(v, dict))]
+    if report.get("threads_table"):
+        names = [n for n in report["threads_table"][0] if n not in ("batch", "past")]
+        lines += ["", f"Intra-op threads: ms per decoding call, ONNX Runtime alone, cache of "
+                  f"{report['threads_table'][0]['past']} positions, median of alternating passes (lower is better):",
+                  "", "| batch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {r['batch']} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |" for r in report["threads_table"]]
     if report.get("profile"):
         lines += ["", decode_profile.markdown(report["profile"])]
     return "\n".join(lines) + "\n"
@@ -329,6 +378,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-before", dest="before", action="store_false",
                     help="skip the 'before' contender (Optimum's graph, exported once into OUT/optimum/, with the "
                          "per-row sampler)")
+    ap.add_argument("--no-thread-table", dest="thread_table", action="store_false",
+                    help="skip the table of ms per decoding call at 1 thread vs all cores (fp32, int8)")
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let our rows stop at end of text (default: exactly --max-new-tokens per row, like "
                          "CTranslate2 and HF, which are always forced to it)")
@@ -398,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report["rows"] = bench(ours, peers, prompts, batches, args.max_new_tokens, args.repeats, args.clock)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
+    report["threads_table"] = thread_table(onnx_dir, batches, args.repeats) if args.thread_table else []
     report["profile"] = [decode_profile.profile(gen, prompts[:b], args.max_new_tokens, SAMPLING, out / "ort-profile",
                                                   args.threads)
                          for b in profile_batches]

@@ -38,7 +38,7 @@ class Server:
     """``bentoml serve`` in its own process group on a free loopback port."""
 
     def __init__(self, artifacts: Path, log: Path, env: dict[str, str] | None = None,
-                 target: str = "service.service:Glowing"):
+                 target: str = "service.service:Glowing", root: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -48,7 +48,7 @@ class Server:
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                 "--port", str(self.port)], cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
     def output(self) -> str:

@@ -39,9 +39,13 @@ from pathlib import Path
 
 from loadtests import payloads
 from loadtests.run import machine
-from loadtests.server import Server, descendants
+from loadtests.server import ROOT, Server, descendants
 
-MODES = {"adaptive": {"GLOWING_BATCHING": "adaptive"}, "engine": {"GLOWING_BATCHING": "engine"}}
+MODES = {"adaptive": {"GLOWING_BATCHING": "adaptive"}, "engine": {"GLOWING_BATCHING": "engine"},
+         "engine-int8": {"GLOWING_BATCHING": "engine", "GLOWING_GENERATOR_PRECISION": "int8"},
+         "engine-1t": {"GLOWING_BATCHING": "engine", "GLOWING_THREADS": "1"},
+         "engine-int8-1t": {"GLOWING_BATCHING": "engine", "GLOWING_GENERATOR_PRECISION": "int8", "GLOWING_THREADS": "1"}}
+BEFORE = "before"  # --before CHECKOUT: the engine served from another checkout (an older commit's code)
 SHORT_TEXT = "A wonderful, moving film."
 GEN_BODY = {"prompt": "This movie", "n": 1, "temperature": 1.0, "top_p": 0.95, "top_k": 50, "seed": 7}
 HEAVY = {"prompt": "This movie", "n": 16, "min_positive": 1.0, "max_candidates": 128, "max_new_tokens": 256}
@@ -110,9 +114,13 @@ async def lone(client: Client, repeats: int) -> dict[str, float]:
     return out
 
 
-async def closed_loop(client: Client, users: int, duration: float, make, streaming: bool = False) -> dict:
-    """``users`` clients, each sending ``make(rng)`` bodies back to back for ``duration`` seconds."""
+async def closed_loop(client: Client, users: int, duration: float, make, streaming: bool = False,
+                      server: Server | None = None) -> dict:
+    """``users`` clients, each sending ``make(rng)`` bodies back to back for ``duration`` seconds;
+    with ``server``, also the tokens/s its engine generated meanwhile (its token counter, read at the
+    start and at the end of the window)."""
     end = time.perf_counter() + duration
+    tokens_at_start = await asyncio.to_thread(generated_tokens, server) if server else None
     done: list[tuple[float, float, float | None]] = []  # (finished at, ms, ttft ms)
     failures = 0
 
@@ -133,14 +141,26 @@ async def closed_loop(client: Client, users: int, duration: float, make, streami
             else:
                 failures += 1
 
+    async def tokens_at_end() -> float | None:
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        return await asyncio.to_thread(generated_tokens, server) if server else None
+
     started = time.perf_counter()
-    await asyncio.gather(*(user(i) for i in range(users)))
+    *_, tokens_end = await asyncio.gather(*(user(i) for i in range(users)), tokens_at_end())
     in_window = [d for d in done if d[0] <= end]
     ms = [d[1] for d in in_window]
     ttft = [d[2] for d in in_window if d[2] is not None]
     return {"users": users, "requests": len(in_window), "failures": failures,
             "rps": round(len(in_window) / (end - started), 2), "p50": _r(percentile(ms, 50)),
-            "p99": _r(percentile(ms, 99)), "ttft_p50": _r(percentile(ttft, 50)), "ttft_p99": _r(percentile(ttft, 99))}
+            "p99": _r(percentile(ms, 99)), "ttft_p50": _r(percentile(ttft, 50)), "ttft_p99": _r(percentile(ttft, 99)),
+            "tokens_per_s": round((tokens_end - tokens_at_start) / (end - started), 1)
+            if tokens_end is not None and tokens_at_start is not None else None}
+
+
+def generated_tokens(server: Server) -> float | None:
+    """The engine's ``glowing_generation_tokens_total`` (None without the engine)."""
+    found = re.findall(r"^glowing_generation_tokens_total (\S+)", server.metrics(), re.M)
+    return float(found[0]) if found else None
 
 
 def _r(x: float | None) -> float | None:
@@ -239,14 +259,15 @@ async def measure(servers: dict[str, Server], args: argparse.Namespace, texts: l
         for streaming, key in ((False, "ladder"), (True, "stream")):
             for users in args.user_list:
                 for mode, client in clients.items():
-                    step = await closed_loop(client, users, args.duration, generate_body, streaming=streaming)
+                    step = await closed_loop(client, users, args.duration, generate_body, streaming=streaming,
+                                             server=servers[mode])
                     results[mode][key].append(step)
                     print(f"[{mode}] {'stream' if streaming else '/generate':<9} {users:>3} clients: {step['rps']} req/s, "
                           f"p50 {step['p50']} ms, p99 {step['p99']} ms, TTFT p50 {step['ttft_p50']} ms, "
                           f"{step['failures']} failed", flush=True)
         for mode, client in clients.items():
             cancel = await cancellation(servers[mode], client, args.heavy)
-            if mode != "engine":
+            if mode == "adaptive":
                 cancel["running_rows_gauge"] = None  # no engine: the gauge is never set
             results[mode]["cancellation"] = cancel
             print(f"[{mode}] cancellation: idle after {cancel['idle_after_s']} s, {cancel['cpu_s_after_leaving']} "
@@ -306,6 +327,22 @@ def markdown(summary: dict) -> str:
             c = res[mode]["cancellation"]
             idle = c["idle_after_s"] if c["idle_after_s"] is not None else f"not within {c['observed_s']}"
             lines.append(f"| {mode} | {c['abandoned']} | {c['cpu_s_after_leaving']} | {idle} | {c['running_rows_gauge']} |")
+    modes = list(res)
+    lines += ["", "## /generate ladder, every mode (req/s, generated tokens/s from the engine's counter, p50 / p99 ms)",
+              "", "| clients | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for i, step in enumerate(res[modes[0]]["ladder"]):
+        cells = []
+        for mode in modes:
+            s_ = res[mode]["ladder"][i]
+            tokens = f"{s_['tokens_per_s']:.0f} tok/s, " if s_.get("tokens_per_s") is not None else ""
+            cells.append(f"{s_['rps']} req/s, {tokens}{s_['p50']} / {s_['p99']}")
+        lines.append(f"| {step['users']} | " + " | ".join(cells) + " |")
+    if len(modes) > 1:
+        base = modes[0]
+        lines += ["", f"Ratios to {base} (tokens/s): " + "; ".join(
+            f"{s_['users']} clients: " + ", ".join(
+                f"{m} {_ratio(res[m]['ladder'][i]['tokens_per_s'], s_['tokens_per_s'])}x" for m in modes[1:])
+            for i, s_ in enumerate(res[base]["ladder"]))]
     return "\n".join(lines) + "\n"
 
 
@@ -337,8 +374,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, default=Path(os.environ.get("GLOWING_ARTIFACTS", "artifacts")),
                     help="artifacts folder with onnx/ (default: $GLOWING_ARTIFACTS or artifacts)")
-    ap.add_argument("--modes", default="adaptive,engine", help="comma list of GLOWING_BATCHING modes to serve, "
-                    "one server each (default: adaptive,engine)")
+    ap.add_argument("--modes", default="adaptive,engine", help="comma list of modes to serve, one server each: "
+                    "adaptive, engine (GLOWING_BATCHING), engine-int8 (the engine with the int8 generator), engine-1t and "
+                    "engine-int8-1t (the same at GLOWING_THREADS=1) "
+                    "(default: adaptive,engine)")
+    ap.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                    help="also serve the engine from another checkout of Glowing (e.g. `git worktree add /tmp/old "
+                         "<commit>`), as mode 'before', first in the list: the served before/after of a change")
+    ap.add_argument("--before-artifacts", type=Path, default=None, metavar="DIR",
+                    help="the artifacts the 'before' server serves (default: --artifacts), e.g. an export made "
+                         "by that checkout")
     ap.add_argument("--users", default="1,4,16,32,64", help="ladder of concurrent clients (default: 1,4,16,32,64)")
     ap.add_argument("--duration", type=float, default=15, help="seconds per ladder step (default: 15)")
     ap.add_argument("--lone", type=int, default=15, help="lone requests of each kind, before and after the "
@@ -357,6 +402,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.mode_list or any(m not in MODES for m in args.mode_list):
         ap.error(f"--modes: choose from {', '.join(MODES)}, got {args.modes!r}")
+    if args.before is not None:
+        if not (args.before / "service" / "service.py").is_file():
+            ap.error(f"--before: {args.before} is not a Glowing checkout (no service/service.py)")
+        args.mode_list.insert(0, BEFORE)
     try:
         args.user_list = [int(u) for u in args.users.split(",")]
         assert args.user_list and all(u >= 1 for u in args.user_list)
@@ -380,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     try:
         for mode in args.mode_list:  # all up at once: the modes alternate, part by part
-            servers[mode] = Server(args.artifacts.resolve(), args.out / f"{mode}_serve.log",
-                                   {**MODES[mode], "GLOWING_MAX_CONCURRENCY": "256", "GLOWING_MAX_N": "16",
-                                    "GLOWING_MAX_CANDIDATES": "128"})
+            before = mode == BEFORE
+            artifacts = (args.before_artifacts or args.artifacts) if before else args.artifacts
+            servers[mode] = Server(artifacts.resolve(), args.out / f"{mode}_serve.log",
+                                   {**MODES["engine" if before else mode], "GLOWING_MAX_CONCURRENCY": "256",
+                                    "GLOWING_MAX_N": "16", "GLOWING_MAX_CANDIDATES": "128"},
+                                   root=args.before.resolve() if before else ROOT)
         for mode, server in servers.items():
             print(f"[{mode}] ready after {server.wait_ready():.1f} s on {server.url}", flush=True)
         results = asyncio.run(measure(servers, args, texts))

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     classifier_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only) scores one text per "
         "model call, so that a score never depends on its batch (its throughput: README, Load tests)")
-    generator_precision: Literal["auto", "fp32", "fp16"] = Field("auto", description="auto = fp32 on CPU, fp16 on CUDA")
+    generator_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only): 8-bit weight blocks with "
+        "int8 products per row, so a row does not depend on its batch (speed and parity: docs/DECODING.md)")
     threads: int | None = Field(None, ge=1, description="intra-op threads per model (unset = all cores)")
 
     # ---- batching ------------------------------------------------------------------------------
