@@ -7,28 +7,30 @@ Contenders, at batch 1, 8 and 32 (``--batches``), 64 new tokens per row, the sam
 of IMDB test reviews, ``loadtests.payloads``) encoded once by ``Generator.encode`` so that every
 contender starts from the same token ids, the same sampling (top-k 50, top-p 0.95, temperature 1):
 
-- ``ORT loop``: today's request-level loop, ``Generator.generate_ids`` on the exported ONNX model;
-- ``engine``: the serving engine in-process (every row submitted, then ``run_until_idle``);
+- ``before``: what the export served before the rebuilt graph: Optimum's own graph of the same
+  weights (exported once into OUT/optimum/), decoded by ``Generator.generate_ids`` with the per-row
+  sampler (``sampling.next_tokens_per_row``); ``--no-before`` drops it;
+- ``ORT loop``: ``Generator.generate_ids`` on the export's generator (export/decoder_graph.py) with
+  the batched sampler; ``engine``: the same model through the serving engine in-process (every row
+  submitted, then ``run_until_idle``); ``ORT loop int8``: the export's int8 generator;
 - ``CT2 fp32`` / ``CT2 int8``: CTranslate2 (``pip install -e '.[bench]'``) on the same trained
   generator, converted with its Transformers converter into OUT/ct2/ (once per weights file);
   int8 is ``compute_type="int8"`` on the same conversion;
 - ``HF generate``: transformers' ``generate`` on PyTorch (``--no-hf`` drops it).
 
-CTranslate2 and HF are forced to exactly ``--max-new-tokens`` per row (min = max length); our loop
-and the engine stop a row at end of text, so their tokens are counted as returned (the JSON holds
-the mean per row). Every figure is the median of ``--repeats`` passes in which the contenders take
-turns (``export.bench.race``), so other load on the machine hits them alike. Before timing, a
-greedy check: the first 20 greedy tokens of 4 prompts from our loop, CT2 and HF are compared and the
-agreement printed (identical rows: the conversion kept the weights; a mismatch is reported, not
-fatal). After it, a profile of our loop at batch 8 and 32: time in the ONNX Runtime call (and
-inside it, by operator type, from ORT's own profiler), around it (feeds, logits copy), in KV-cache
-select/concat, in sampling, the rest of the Python loop, and what detokenizing costs. Writes
-OUT/bench_decode.json (raw passes too) and OUT/bench_decode.md, and prints both tables.
-
-The cpu preset (4 x 192, vocab 8192) on a 2-core AMD EPYC under a load average of 8: about 8 min
-(HF generate at 2 threads is most of it: ``--no-hf``), 2.5 min with ``--threads 1 --clock cpu``;
-there CTranslate2 fp32 made 2.6-2.7x our loop's tokens per CPU second at batch 1 and 8, 1.45x at
-batch 32, and CTranslate2 int8 1.8-2.2x CTranslate2 fp32 (README, "Decoding benchmark").
+Every contender makes exactly ``--max-new-tokens`` per row (ours ignore end of text; CTranslate2 and
+HF are given min = max length); ``--stop-at-eos`` lets ours stop and counts what they return. Every
+figure is the median of ``--repeats`` passes in which the contenders take turns
+(``export.bench.race``), so other load on the machine hits them alike. ``--threads`` applies to every
+runtime (default: all cores). Before timing, a greedy check: the first 20 greedy tokens of 4 prompts
+from our loop, CT2 and HF are compared and the agreement printed (identical rows: the conversion kept
+the weights; a mismatch is reported, not fatal). After it, the intra-op threads table (ms per ONNX
+Runtime decoding call, fp32 and int8, 1 thread vs all cores, with and without spin-waiting), then a
+profile of our loop at batch 8 and 32: time in the ONNX Runtime call (and inside it, by operator
+type, from ORT's own profiler), around it (feeds, logits copy), in KV-cache select/concat, in
+sampling, the rest of the Python loop, and what detokenizing costs. Writes OUT/bench_decode.json
+(raw passes too) and OUT/bench_decode.md, and prints both tables. Figures and what they mean:
+docs/DECODING.md.
 """
 
 from __future__ import annotations

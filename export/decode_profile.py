@@ -5,12 +5,12 @@ Two views of one ``Generator.generate_ids`` call on the ONNX generator:
 - a timer breakdown (the loop's own code, unchanged, run through timing wrappers): the ONNX Runtime
   ``session.run`` call; around it in ``forward`` (building the feeds, copying the last position's
   logits out); KV-cache ``select``/``concat`` (rows leaving the batch); sampling (``next_tokens``:
-  top-k/top-p in numpy, one row at a time); the rest of the Python loop (mask growth, bookkeeping).
+  top-k/top-p in numpy over the batch); the rest of the Python loop (mask growth, bookkeeping).
   Detokenizing is not part of ``generate_ids``: it is timed after it, as ``Generator.generate``
   does it (one ``decode_batch``) and as streaming does it (``IncrementalDetokenizer``, per token);
 - inside ``session.run``: ONNX Runtime's own profiler, kernel time per operator type over the
-  decoding steps (the prefill call left out). The exported graph appends each step's key/value to
-  the cache with a ``Concat`` that copies the whole cache into a new output every step.
+  decoding steps (the prefill call left out). Each step's key/value is appended to the cache by a
+  copy of the whole cache into a new output (``MultiHeadAttention``'s present, or Optimum's ``Concat``).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def load(kind: str, settings: Settings):
 
     read_manifest(settings)  # no manifest: nothing was trained here, say so before any model error
     chosen = precision(kind, settings)
-    common = dict(backend=settings.backend, device=settings.device, precision=chosen, threads=settings.threads)
+    common = dict(backend=settings.backend, device=settings.device, precision=chosen, threads=settings.model_threads())
     try:
         if kind == A.CLASSIFIER:
             # int8 keeps the runtime's one text per call: batched, its scores would move with the batch

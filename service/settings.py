@@ -11,6 +11,7 @@ shape the request schemas there, so that the OpenAPI page shows the limits actua
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +33,13 @@ class Settings(BaseSettings):
     generator_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only): 8-bit weight blocks with "
         "int8 products per row, so a row does not depend on its batch (speed and parity: docs/DECODING.md)")
-    threads: int | None = Field(None, ge=1, description="intra-op threads per model (unset = all cores)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per model; unset = half of the cores, "
+                                "at least 1: the scorer and the generator run in processes of their own, and an "
+                                "oversubscribed ONNX Runtime pool spin-waits (measured: docs/DECODING.md)")
+
+    def model_threads(self) -> int:
+        """``threads``, or half of the cores this process may use (at least 1)."""
+        return self.threads or max(1, available_cores() // 2)
 
     # ---- batching ------------------------------------------------------------------------------
     batching: Literal["engine", "adaptive"] = Field(
@@ -123,6 +130,25 @@ class Settings(BaseSettings):
             raise ValueError("GLOWING_CLASSIFIER_PRECISION=int8 is the CPU format; use fp16 or auto with "
                              "GLOWING_DEVICE=cuda")
         return self
+
+
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's
+    CPU limit: ``os.cpu_count()`` would count the whole host's cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+        if limit != "max":
+            quota = int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            limit = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            if limit > 0:
+                quota = limit / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cores, int(quota + 0.999) if quota else cores))
 
 
 def get_settings(**overrides) -> Settings:

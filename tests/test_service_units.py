@@ -401,3 +401,26 @@ def test_coalesce_sends_what_arrived_meanwhile_in_one_call_in_order():
 
     assert asyncio.run(main()) == [[1], [2, 3], [4]]
     assert calls == [["a"], ["bb", "ccc", "dddd"]]  # the first alone (no wait), the rest together
+
+
+def test_model_threads_default_to_half_of_the_cores_a_container_may_use(tmp_path, monkeypatch):
+    from service import settings as S
+
+    monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert S.available_cores(tmp_path / "no-cgroup") == 16
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # a container limited to 2 CPUs on a 16-core host
+    assert S.available_cores(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert S.available_cores(tmp_path) == 2  # 1.5 CPUs: rounded up
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert S.available_cores(tmp_path) == 16
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("400000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert S.available_cores(v1) == 4
+    monkeypatch.setattr(S, "available_cores", lambda: 8)
+    assert S.get_settings().model_threads() == 4
+    assert S.get_settings(threads=3).model_threads() == 3
+    monkeypatch.setattr(S, "available_cores", lambda: 1)
+    assert S.get_settings().model_threads() == 1
