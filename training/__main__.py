@@ -27,7 +27,10 @@ from glowing import logs
 from training import distributed as dist
 from training.config import ConfigError, available_presets, load_config
 from training.data import DataError
-from training.pipeline import OPTIONAL, STAGES, Pipeline, StageError
+from training.pipeline import Pipeline, StageError
+from training.stages import STAGES
+
+OPTIONAL = [name for name, stage in STAGES.items() if stage.optional]
 
 
 def parser() -> argparse.ArgumentParser:
