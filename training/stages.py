@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from glowing import artifacts as A
+from glowing.runtime.files import MAX_LENGTH_FILE
 from training import baseline as baseline_mod
 from training import classifier as clf
 from training import device as dev
@@ -172,7 +173,7 @@ def classifier(p: Pipeline, out: Path) -> dict:
         model.save_pretrained(out)
         tok.save_pretrained(out)
         shutil.rmtree(out / "bpe", ignore_errors=True)  # the tokenizer now sits beside the model
-        (out / "max_length.txt").write_text(f"{cfg.max_length}\n")
+        (out / MAX_LENGTH_FILE).write_text(f"{cfg.max_length}\n")
     last = result.epochs[result.best_epoch - 1]
     return {"models": {"classifier": {"source": cfg.init, "vocab_size": len(tok),
                                       "architecture": model.config.architectures[0]
@@ -201,7 +202,7 @@ def _load_classifier(p: Pipeline):
     model = AutoModelForSequenceClassification.from_pretrained(path).to(dev.resolve(p.cfg.device)).eval()
     tok = _load_tokenizer(path)
     tok.padding_side = "right"
-    return model, tok, int((path / "max_length.txt").read_text())
+    return model, tok, int((path / MAX_LENGTH_FILE).read_text())
 
 
 def eval_classifier(p: Pipeline, out: Path) -> dict:
