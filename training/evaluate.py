@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from glowing.progress import progress
 from glowing.text import generation_prompt, normalize
 from training import baseline as baseline_mod
 from training import device as dev
@@ -104,7 +104,7 @@ def positive_perplexity(model, tokenizer, texts: list[str], max_length: int, bat
                      max_length=max_length - 1)["input_ids"]]
     order = np.argsort([len(x) for x in ids])
     total_nll, n_tokens = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", disable=None):
+    for start in progress(range(0, len(order), batch_size), desc="perplexity", unit="batch"):
         batch = [ids[i] for i in order[start : start + batch_size]]
         width = max(len(x) for x in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -129,8 +129,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int, o
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     out: list[str] = []
-    for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch",
-                      disable=None):
+    for start in progress(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch"):
         batch = prompts[start : start + cfg.gen_batch_size]
         enc = tokenizer([generation_prompt(p, tokenizer.bos_token) for p in batch], return_tensors="pt",
                         padding=True, add_special_tokens=False).to(dev.of(model))

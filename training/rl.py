@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PrinterCallback, TrainerCallback
 
+from glowing.progress import progress
 from glowing.text import generation_prompt, normalize
 from training.classifier import LABEL2ID, collate, encode
 from training.config import RLConfig
@@ -142,8 +144,26 @@ def grpo_config(cfg: RLConfig, out: Path, seed: int, use_cpu: bool):
         num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, beta=cfg.kl_coef,
         num_iterations=cfg.epochs_per_batch, loss_type="dapo", scale_rewards=cfg.scale_rewards,
-        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=False, remove_unused_columns=False,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, log_completions=False)
+
+
+class StepProgress(TrainerCallback):
+    """The trainer's steps through ``glowing.progress`` (a bar on a terminal, a line per 5% elsewhere),
+    with the last logged reward and KL."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = progress(total=state.max_steps, desc="rl", unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.bar.set_postfix(reward=f"{logs['reward']:.3f}", kl=f"{logs.get('kl') or 0:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
 
 
 def tune(policy, tokenizer, reward: ClassifierReward, queries: list[str], cfg: RLConfig, out: Path, seed: int,
@@ -157,6 +177,8 @@ def tune(policy, tokenizer, reward: ClassifierReward, queries: list[str], cfg: R
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=grpo_config(cfg, out, seed, use_cpu),
                           train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # a line per logged step: glowing.progress reports instead
+    trainer.add_callback(StepProgress())
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
