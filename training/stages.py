@@ -295,7 +295,10 @@ def eval_rl(p: Pipeline, out: Path) -> dict:
 @dataclass(frozen=True)
 class Stage:
     """One stage: its output folder, the stages whose outputs it reads, the config values its
-    fingerprint covers (beside ``seed`` and ``data``, which every stage's covers), its function."""
+    fingerprint covers (beside ``seed`` and ``data``, which every stage's covers), its function.
+
+    ``config`` maps a key of the fingerprint to a dotted path in the config; the keys are those the
+    fingerprints have always used, so that an artifacts directory built before stays up to date."""
 
     name: str
     output: str  # folder inside the artifacts directory
