@@ -143,16 +143,20 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int, o
     return out
 
 
-def test_prefixes(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: int) -> list[str]:
-    """Openings of ``n`` IMDB test reviews, each cut to a random ``lo..hi`` tokens."""
+def review_openings(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: int,
+                    drop_blank: bool = False) -> list[str]:
+    """Openings of ``n`` seeded picks of ``texts``, each cut to a random ``lo..hi`` tokens: the test-prefix
+    prompts of the evaluations and the RL stage's training queries. A blank opening is dropped
+    (``drop_blank``) or replaced by the review's first 20 characters."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
-    prompts = []
+    out = []
     for i in picks:
         ids = tokenizer(normalize(texts[i]), add_special_tokens=False)["input_ids"]
-        k = int(rng.integers(lo, hi + 1))
-        prompts.append(tokenizer.decode(ids[:k]).strip() or normalize(texts[i])[:20])
-    return prompts
+        opening = tokenizer.decode(ids[: int(rng.integers(lo, hi + 1))]).strip()
+        if opening or not drop_blank:
+            out.append(opening or normalize(texts[i])[:20])
+    return out
 
 
 def evaluate_generator(gen_model, gen_tokenizer, clf_model, clf_tokenizer, clf_max_length: int, judge,
@@ -163,7 +167,7 @@ def evaluate_generator(gen_model, gen_tokenizer, clf_model, clf_tokenizer, clf_m
                                                          gen_model.config.n_positions), "samples": {}}
     prompt_sets = {
         "this_movie": [cfg.prompt] * cfg.n_samples,
-        "test_prefixes": test_prefixes(gen_tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
+        "test_prefixes": review_openings(gen_tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
                                        cfg.prefix_max_tokens, seed),
     }
     rows, hist, every = [], {}, {"texts": [], "model": [], "judge": []}

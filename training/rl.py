@@ -30,24 +30,11 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from glowing.progress import progress
-from glowing.text import generation_prompt, normalize
+from glowing.text import generation_prompt
 from training.classifier import LABEL2ID, collate, encode
 from training.config import RLConfig
 
 log = logging.getLogger(__name__)
-
-
-def query_prompts(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: int) -> list[str]:
-    """Openings of ``n`` reviews, each cut to a random ``lo..hi`` tokens (no blank ones)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
-    out = []
-    for i in picks:
-        ids = tokenizer(normalize(texts[i]), add_special_tokens=False)["input_ids"]
-        query = tokenizer.decode(ids[: int(rng.integers(lo, hi + 1))]).strip()
-        if query:
-            out.append(query)
-    return out
 
 
 def repeated_bigram_share(text: str) -> float:

@@ -244,8 +244,8 @@ def rl(p: Pipeline, out: Path) -> dict:
     model, clf_tok, max_length = _load_classifier(p)
     reward = rl_mod.ClassifierReward(model, clf_tok, max_length, cfg.reward, tok.bos_token, cfg.repetition_penalty,
                                      cfg.novelty_bonus)
-    queries = rl_mod.query_prompts(tok, p.fit.texts, cfg.queries, cfg.query_min_tokens, cfg.query_max_tokens,
-                                   p.cfg.seed + 4)
+    queries = ev.review_openings(tok, p.fit.texts, cfg.queries, cfg.query_min_tokens, cfg.query_max_tokens,
+                                 p.cfg.seed + 4, drop_blank=True)
     log.info("rl: GRPO, %d steps x %d responses (%d per query) of up to %d tokens, kl_coef %g, reward %s, "
              "%d training queries", cfg.steps, cfg.batch_size, cfg.num_generations, cfg.max_new_tokens,
              cfg.kl_coef, cfg.reward, len(queries))
