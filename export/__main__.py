@@ -38,7 +38,7 @@ from pathlib import Path
 
 from export import decoder_graph, fuse, onnx_export, parity, quantize
 from export.onnx_export import ExportError
-from export.reviews import DataError, load_imdb_test
+from export.labelled_reviews import ReviewDataError, load_imdb_test
 from glowing import artifacts as A
 from glowing import logs
 from glowing.runtime import ModelFileError
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                             parity_sample=args.parity_sample, gen_prompts=args.gen_prompts,
                             gen_tokens=args.gen_tokens, seed=args.seed, int8_isa=args.int8_isa,
                             generator=args.generator)
-    except (ExportError, DataError, ModelFileError) as err:
+    except (ExportError, ReviewDataError, ModelFileError) as err:
         log.error("%s", err)
         return 2
     except parity.ParityError as err:

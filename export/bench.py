@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export.__main__ import default_data_dir
-from export.reviews import DataError, load_imdb_test
+from export.labelled_reviews import ReviewDataError, load_imdb_test
 from glowing import artifacts as A
 from glowing import logs
 from glowing.runtime import ModelFileError, SamplingSettings, load_generator, load_scorer
+from glowing.runtime.files import MAX_LENGTH_FILE
 
 log = logging.getLogger("export.bench")
 CLF_BACKENDS = [("PyTorch fp32", "torch", "fp32"), ("ORT fp32", "onnx", "fp32"), ("ORT int8", "onnx", "int8")]
@@ -67,7 +68,7 @@ def bench_classifier(artifacts: Path, texts: list[str], repeats: int, threads: i
                    for name, backend, precision in CLF_BACKENDS}
         pool = [t for t, ids in zip(texts, scorers["ORT fp32"].encode(texts)) if len(ids) >= length]
         if len(pool) < per_pass:
-            raise DataError(f"only {len(pool)} reviews reach {length} tokens; need {per_pass}")
+            raise ReviewDataError(f"only {len(pool)} reviews reach {length} tokens; need {per_pass}")
         pool = pool[:per_pass]
         ids = scorers["ORT fp32"].encode(pool)
         for batch in CLF_BATCHES:
@@ -94,7 +95,7 @@ def _score_all(scorer, texts: list[str], batch: int) -> int:
 
 
 def _max_length(artifacts: Path) -> int:
-    return int((artifacts / "onnx" / "classifier" / "max_length.txt").read_text())
+    return int((artifacts / A.ONNX / A.CLASSIFIER / MAX_LENGTH_FILE).read_text())
 
 
 def bench_generator(artifacts: Path, texts: list[str], repeats: int, threads: int | None,
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         report["generator"] = ([] if args.skip_generator else
                                bench_generator(artifacts, reviews.texts, args.repeats, args.threads,
                                                args.max_new_tokens, args.clock))
-    except (DataError, ModelFileError, FileNotFoundError) as err:
+    except (ReviewDataError, ModelFileError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     out = Path(args.out)

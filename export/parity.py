@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from export.quantize import quantized_op_counts
-from export.reviews import Reviews
+from export.labelled_reviews import Reviews
 from glowing.runtime import SamplingSettings, load_generator, load_scorer
 from glowing.runtime.files import ONNX_FILES
 from glowing.text import generation_prompt, normalize

@@ -3,8 +3,7 @@
     python -m loadtests.compare_generators finetuned=artifacts rl=/tmp/artifacts-rl \\
         --out reports/compare-generators    # 2 x 48 requests: about 40 s on 2 cores
 
-On the cpu-preset models: acceptance rate 0.660 (fine-tuned) vs 0.931 (RL-tuned), 7.1 vs 6.1
-candidates per request (README, "RL tuning").
+What it measured on the cpu-preset models, with the machine: docs/TRAINING.md, "RL tuning".
 
 Each NAME=DIR is an artifacts directory exported with the generator to compare (`python -m export
 --generator finetuned|rl`). For each one in turn: `bentoml serve` on a free loopback port

@@ -5,7 +5,7 @@
 
 Starts ``bentoml serve`` with the default settings (``GLOWING_MAX_CONCURRENCY`` 32) on a free loopback
 port and runs closed-loop clients against ``/score`` (one IMDB review per request), phase after phase:
-by default 128 clients for 60 s (4x the saturation load of 32, README "Load tests"), then 16 for 30 s.
+by default 128 clients for 60 s (4x the saturation load of 32 users, docs/LOADTESTS.md), then 16 for 30 s.
 The clients retry at once, ignoring ``Retry-After``: the worst case. Each request's status and latency
 is recorded; per phase it prints the throughput, the share shed with 503, the latency of the 503s and
 of the successes as the clients saw it and as the API worker logged it (from the moment the request
@@ -16,8 +16,7 @@ separate the latency of a 503 from that of a 200. That process competes for the 
 its own latencies include its own event-loop lag; a separate light probe process (standard library,
 one request at a time, every 0.2 s) measures what a well-behaved client sees during each phase.
 
-Measured (README "Reliability", about 2 minutes): at 128 clients 34% shed, the API answered its 503s
-in 10.5 ms p50 / 235 ms max and the probe client got 200s in 66 ms p50; at 16 clients nothing shed.
+What it measured on the cpu-preset models, with the machine: docs/LOADTESTS.md, "Overload".
 """
 
 from __future__ import annotations

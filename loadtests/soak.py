@@ -3,8 +3,8 @@
     flock /tmp/glowing-heavy.lock .venv/bin/python -m loadtests.soak --artifacts artifacts --out reports/soak
     .venv/bin/python -m loadtests.soak --duration 60 --warmup 10 --window 20 --users 4   # a quick look (1.5 min)
 
-Default: 16 closed-loop ``ScoreUser``s (the saturation load of ``/score`` on the cpu-preset models, README
-"Load tests") for 660 s, about 12 minutes with start-up. It starts ``bentoml serve`` with the default
+Default: 16 closed-loop ``ScoreUser``s (the saturation load of ``/score`` on the cpu-preset models,
+docs/LOADTESTS.md) for 660 s, about 12 minutes with start-up. It starts ``bentoml serve`` with the default
 settings on a free loopback port, runs headless Locust (its own CLI process), samples the resident
 memory (RSS) of every server process by role (``glowing``, ``glowing-scorer``, ``glowing-generator``,
 ``arbiter``) every ``--sample-every`` seconds, and writes ``soak.json`` and ``soak.png`` into ``--out``.
@@ -16,9 +16,8 @@ request) is reported too. It prints the growth, the request and failure counts, 
 reaches ``--max-growth`` percent, a request failed with anything but a shed 503, or an ordinary request
 after the load fails. With ``GLOWING_API_KEY`` set, the server requires it and Locust sends it.
 
-Measured (README "Reliability"): 38,809 requests in 11 min, 0 failures, RSS 773 -> 826 MiB (+6.8%);
-with ``--duration 1200``, 103,524 requests, 0 failures, +19% (memory rose with the request rate); after
-the fix in service/patches.py, 58,403 requests in 11 min, 0 failures, 683 -> 686 MiB (+0.4%).
+Every run so far, with its figures and machine, and the leak it found (fixed in service/patches.py):
+docs/LOADTESTS.md, "Soak".
 """
 
 from __future__ import annotations

@@ -101,13 +101,15 @@ def test_failed_stage_leaves_earlier_outputs_intact(tiny_data_dir, tmp_path, mon
     assert main(_args(tiny_data_dir, out, "--stages", "tokenizer,lm")) == 0
     before = (out / "lm/model.safetensors").read_bytes()
 
-    import training.stages as S
+    import dataclasses
+
+    from training.stages import STAGES
 
     def boom(p, tmp):
         (tmp / "partial.bin").write_bytes(b"x")
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(S, "lm", boom)
+    monkeypatch.setitem(STAGES, "lm", dataclasses.replace(STAGES["lm"], run=boom))
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(_args(tiny_data_dir, out, "--stages", "lm", "--force"))
     assert (out / "lm/model.safetensors").read_bytes() == before
@@ -174,3 +176,18 @@ def test_classifier_with_its_own_vocabulary(tiny_data_dir, tmp_path):
     assert not (out / "tokenizer").exists()  # it did not need the pipeline tokenizer
     assert tok("great movie")["input_ids"][-1] == tok.eos_token_id
     assert A.read_manifest(out)["models"]["classifier"]["vocab_size"] == 320
+
+
+def test_stage_table_is_consistent():
+    """One row per stage: its inputs come before it, its outputs are its own, its config paths exist."""
+    from training.config import load_config
+    from training.stages import STAGES
+
+    names = list(STAGES)
+    assert len({stage.output for stage in STAGES.values()}) == len(STAGES)
+    for preset in ("tiny", "cpu", "gpu"):
+        cfg = load_config(preset, [])
+        for i, (name, stage) in enumerate(STAGES.items()):
+            assert stage.name == name
+            assert set(stage.inputs_for(cfg)) <= set(names[:i]), name
+            assert {"seed", "data"} | set(stage.config) == set(stage.config_for(cfg)), name

@@ -1,12 +1,12 @@
 """Train every Glowing model, stage by stage, into an artifacts directory.
 
-    python -m training --preset tiny --data-dir ../shared/data --out /tmp/glowing-tiny   # ~2 min, smoke run
-    python -m training --data-dir ../shared/data                                         # cpu preset, ~15 min (est.)
+    python -m training --preset tiny --data-dir ../shared/data --out /tmp/glowing-tiny   # smoke run, minutes
+    python -m training --data-dir ../shared/data                                         # cpu preset, budget 20 min
     python -m training --preset gpu --data-dir ../shared/data                            # one modern GPU
     python -m training --stages eval-generator --force                                   # one stage again
     python -m training --generator-from gpt2 --classifier-from distilbert-base-uncased   # pretrained (needs the hub)
 
-    python -m training --stages rl,eval-rl                                               # RL tuning, ~12 min (cpu)
+    python -m training --stages rl,eval-rl                                               # RL tuning (optional)
     torchrun --nproc_per_node 8 -m training --preset gpu --data-dir ../shared/data       # 8 GPUs: DDP, same global batch
 
 Stages, in order: tokenizer, lm, generator, classifier, baseline, eval-classifier, eval-generator,
@@ -27,7 +27,10 @@ from glowing import logs
 from training import distributed as dist
 from training.config import ConfigError, available_presets, load_config
 from training.data import DataError
-from training.pipeline import OPTIONAL, STAGES, Pipeline, StageError
+from training.pipeline import Pipeline, StageError
+from training.stages import STAGES
+
+OPTIONAL = [name for name, stage in STAGES.items() if stage.optional]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Stage ``baseline``: TF-IDF (word 1-2 grams) + logistic regression on IMDB train.
 
-It is the reference row of the classifier report (about 0.906 accuracy on IMDB test) and the
+It is the reference row of the classifier report (its accuracy: docs/TRAINING.md, "Results") and the
 independent judge of generated reviews: a model the generator is never tuned against.
 """
 

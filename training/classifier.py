@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from glowing.progress import progress as show_progress
 from glowing.text import LABELS, normalize
 from training import device as dev
 from training import distributed as dist
@@ -159,7 +159,7 @@ def predict_proba(model, tokenizer, texts: list[str], max_length: int, batch_siz
     out = np.empty(len(texts), dtype=np.float64)
     batches = length_batches([len(x) for x in ids], batch_size)
     device = dev.of(model)
-    for batch in tqdm(batches, desc=progress, disable=True if progress is None else None, unit="batch"):
+    for batch in show_progress(batches, desc=progress or "", unit="batch", enabled=progress is not None):
         input_ids, mask = collate([ids[i] for i in batch], tokenizer.pad_token_id)
         with dev.autocast(device):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
@@ -203,8 +203,8 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
     for epoch, batches in enumerate(plan, start=1):
         model.train()
         losses = []
-        bar = tqdm(batches, desc=f"classifier epoch {epoch}/{cfg.epochs}", unit="batch",
-                   disable=None if dist.is_main() else True)  # None: only on a terminal
+        bar = show_progress(batches, desc=f"classifier epoch {epoch}/{cfg.epochs}", unit="batch",
+                            enabled=dist.is_main())
         for batch in bar:
             local = dist.shard(batch)
             input_ids, mask = collate([ids[i] for i in local], tokenizer.pad_token_id)
@@ -220,8 +220,6 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
             step += 1
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-            if step % 200 == 0:
-                log.info("classifier step %d/%d: loss %.3f", step, total, np.mean(losses[-200:]))
         scores = {name: accuracy(model, tokenizer, texts, y, cfg.max_length) for name, (texts, y) in val.items()}
         score = float(np.mean(list(scores.values())))
         result.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": score,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from glowing.progress import progress
 from glowing.text import generation_prompt, normalize
 from training import baseline as baseline_mod
 from training import device as dev
@@ -104,7 +104,7 @@ def positive_perplexity(model, tokenizer, texts: list[str], max_length: int, bat
                      max_length=max_length - 1)["input_ids"]]
     order = np.argsort([len(x) for x in ids])
     total_nll, n_tokens = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc="perplexity", unit="batch", disable=None):
+    for start in progress(range(0, len(order), batch_size), desc="perplexity", unit="batch"):
         batch = [ids[i] for i in order[start : start + batch_size]]
         width = max(len(x) for x in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -129,8 +129,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int, o
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     out: list[str] = []
-    for start in tqdm(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch",
-                      disable=None):
+    for start in progress(range(0, len(prompts), cfg.gen_batch_size), desc="generating", unit="batch"):
         batch = prompts[start : start + cfg.gen_batch_size]
         enc = tokenizer([generation_prompt(p, tokenizer.bos_token) for p in batch], return_tensors="pt",
                         padding=True, add_special_tokens=False).to(dev.of(model))
@@ -144,16 +143,20 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, seed: int, o
     return out
 
 
-def test_prefixes(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: int) -> list[str]:
-    """Openings of ``n`` IMDB test reviews, each cut to a random ``lo..hi`` tokens."""
+def review_openings(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: int,
+                    drop_blank: bool = False) -> list[str]:
+    """Openings of ``n`` seeded picks of ``texts``, each cut to a random ``lo..hi`` tokens: the test-prefix
+    prompts of the evaluations and the RL stage's training queries. A blank opening is dropped
+    (``drop_blank``) or replaced by the review's first 20 characters."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
-    prompts = []
+    out = []
     for i in picks:
         ids = tokenizer(normalize(texts[i]), add_special_tokens=False)["input_ids"]
-        k = int(rng.integers(lo, hi + 1))
-        prompts.append(tokenizer.decode(ids[:k]).strip() or normalize(texts[i])[:20])
-    return prompts
+        opening = tokenizer.decode(ids[: int(rng.integers(lo, hi + 1))]).strip()
+        if opening or not drop_blank:
+            out.append(opening or normalize(texts[i])[:20])
+    return out
 
 
 def evaluate_generator(gen_model, gen_tokenizer, clf_model, clf_tokenizer, clf_max_length: int, judge,
@@ -164,7 +167,7 @@ def evaluate_generator(gen_model, gen_tokenizer, clf_model, clf_tokenizer, clf_m
                                                          gen_model.config.n_positions), "samples": {}}
     prompt_sets = {
         "this_movie": [cfg.prompt] * cfg.n_samples,
-        "test_prefixes": test_prefixes(gen_tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
+        "test_prefixes": review_openings(gen_tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
                                        cfg.prefix_max_tokens, seed),
     }
     rows, hist, every = [], {}, {"texts": [], "model": [], "judge": []}

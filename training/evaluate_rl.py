@@ -49,7 +49,7 @@ def evaluate_rl(generators: dict, tokenizer, reward: rl_mod.ClassifierReward, ju
                         "temperature": rl_cfg.temperature, "top_k": rl_cfg.top_k, "top_p": rl_cfg.top_p})
     prompt_sets = {
         "this_movie": [cfg.prompt] * cfg.n_samples,
-        "test_prefixes": ev.test_prefixes(tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
+        "test_prefixes": ev.review_openings(tokenizer, test_texts, cfg.n_samples, cfg.prefix_min_tokens,
                                           cfg.prefix_max_tokens, seed),
     }
     reference = generators["finetuned"]

@@ -7,20 +7,17 @@ end-of-text token, reviews are concatenated and cut into ``block_size`` windows.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from glowing.progress import progress
 from glowing.text import normalize
 from training import device as dev
 from training import distributed as dist
 from training.config import SCRATCH, LMConfig
 from training.optim import adamw, check_finite, warmup_cosine
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +65,7 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     chunk = 512
-    with tqdm(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False, disable=None) as bar:
+    with progress(total=max_tokens or None, desc="tokenizing", unit="tok") as bar:
         for start in range(0, len(texts), chunk):
             batch = [normalize(t) for t in texts[start : start + chunk]]
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
@@ -100,7 +97,7 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     cursor, losses = 0, []
     started = time.perf_counter()
     ddp = dist.wrap(model)
-    bar = tqdm(range(steps), desc=stage, unit="step", disable=None if dist.is_main() else True)
+    bar = progress(range(steps), desc=stage, unit="step", enabled=dist.is_main())
     for step in bar:
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(blocks)), 0
@@ -118,8 +115,6 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
-        if (step + 1) % 50 == 0:  # progress in logs too, where the bar is off (not a terminal)
-            log.info("%s step %d/%d: loss %.3f", stage, step + 1, steps, float(np.mean(losses[-50:])))
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return TrainResult(steps=steps, tokens=steps * batch_size * blocks.shape[1],

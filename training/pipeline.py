@@ -1,4 +1,5 @@
-"""The pipeline: stages in order, each skipped when its outputs exist and are up to date.
+"""The pipeline: the stages of ``training.stages.STAGES`` in order, each skipped when its outputs exist
+and are up to date.
 
 A stage writes into a temporary folder and replaces its output folder only on success, so a
 failure leaves earlier outputs intact. A stage's fingerprint covers its config section, the
@@ -20,25 +21,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from glowing import artifacts as A
 from training import distributed as dist
-from training.config import SCRATCH, Config
+from training.config import Config
 from training.data import Split, data_files, load_split, sst2_holdout_split, train_val_split
+from training.stages import STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("tokenizer", "lm", "generator", "classifier", "baseline", "eval-classifier", "eval-generator", "rl",
-          "eval-rl")
-# Run only when named (`--stages rl,eval-rl`, `make rl`): they add about 12 minutes to the cpu preset's
-# 15, past its 20-minute budget, and `make serve` does not need them.
-OPTIONAL = ("rl", "eval-rl")
-# Under torchrun these run on every rank (DDP); the others run on rank 0 while the rest wait.
-DISTRIBUTED = ("lm", "generator", "classifier")
-OUTPUT = {"tokenizer": A.TOKENIZER, "lm": A.LM, "generator": A.GENERATOR, "classifier": A.CLASSIFIER,
-          "baseline": A.BASELINE, "eval-classifier": f"{A.REPORTS}/classifier",
-          "eval-generator": f"{A.REPORTS}/generator", "rl": A.RL, "eval-rl": f"{A.REPORTS}/rl"}
 STAGE_RECORD = "stage.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "scikit-learn", "numpy", "optimum", "onnx", "onnxruntime",
             "bentoml", "pydantic")
@@ -46,37 +36,6 @@ PACKAGES = ("torch", "transformers", "tokenizers", "scikit-learn", "numpy", "opt
 
 class StageError(RuntimeError):
     pass
-
-
-def inputs_of(stage: str, cfg: Config) -> list[str]:
-    return {
-        "tokenizer": [],
-        "lm": ["tokenizer"],
-        "generator": ["lm"],
-        "classifier": {SCRATCH: [] if cfg.classifier.vocab_size else ["tokenizer"], "lm": ["lm"]}.get(
-            cfg.classifier.init, []),
-        "baseline": [],
-        "eval-classifier": ["classifier", "baseline"],
-        "eval-generator": ["generator", "classifier", "baseline"],
-        "rl": ["generator", "classifier"],
-        "eval-rl": ["rl", "generator", "classifier", "baseline"],
-    }[stage]
-
-
-def config_of(stage: str, cfg: Config) -> dict[str, Any]:
-    d = cfg.to_dict()
-    common = {"seed": cfg.seed, "data": d["data"]}
-    return common | {
-        "tokenizer": {"tokenizer": d["tokenizer"], "lm.init": cfg.lm.init},
-        "lm": {"lm": d["lm"]},
-        "generator": {"generator": d["generator"]},
-        "classifier": {"classifier": d["classifier"], "min_frequency": cfg.tokenizer.min_frequency},
-        "baseline": {"baseline": d["baseline"]},
-        "eval-classifier": {"batch_size": cfg.eval.batch_size},
-        "eval-generator": {"eval": d["eval"]},
-        "rl": {"rl": d["rl"]},
-        "eval-rl": {"eval": d["eval"], "rl": d["rl"]},
-    }[stage]
 
 
 class Pipeline:
@@ -128,7 +87,7 @@ class Pipeline:
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def path(self, stage: str) -> Path:
-        return self.out / OUTPUT[stage]
+        return self.out / STAGES[stage].output
 
     def record(self, stage: str) -> dict | None:
         path = self.path(stage) / STAGE_RECORD
@@ -136,14 +95,14 @@ class Pipeline:
 
     def fingerprint(self, stage: str) -> str:
         upstream = {}
-        for dep in inputs_of(stage, self.cfg):
+        for dep in STAGES[stage].inputs_for(self.cfg):
             rec = self.record(dep)
             if rec is None:
                 raise StageError(f"stage {stage!r} needs the output of stage {dep!r}, which is missing in "
                                  f"{self.path(dep)}: run `python -m training --stages {dep} --out {self.out}` "
                                  "(or the whole pipeline) first")
             upstream[dep] = rec["fingerprint"]
-        payload = {"config": config_of(stage, self.cfg), "data": self.checksums, "inputs": upstream}
+        payload = {"config": STAGES[stage].config_for(self.cfg), "data": self.checksums, "inputs": upstream}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def write_header(self) -> None:
@@ -167,9 +126,11 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------
     def run(self, stages: list[str], force: bool = False) -> dict[str, Any]:
-        if dist.world_size() > 1 and set(stages) & {"rl", "eval-rl"}:
-            raise StageError("stages rl and eval-rl run in one process (TRL drives its own devices): run them "
-                             "without torchrun, e.g. python -m training --stages rl,eval-rl")
+        one_process = [s for s in stages if STAGES[s].one_process]
+        if dist.world_size() > 1 and one_process:
+            names = ",".join(one_process)
+            raise StageError(f"{names}: these stages run in one process (TRL drives its own devices): run them "
+                             f"without torchrun, e.g. python -m training --stages {names}")
         if dist.is_main():
             self.write_header()
         for stage in stages:
@@ -177,8 +138,6 @@ class Pipeline:
         return A.read_manifest(self.out)
 
     def run_stage(self, stage: str, force: bool) -> None:
-        from training import stages as S
-
         fingerprint = self.fingerprint(stage)
         rec = self.record(stage)
         if rec and rec["fingerprint"] == fingerprint and not force:
@@ -198,8 +157,8 @@ class Pipeline:
         started, cpu_started = time.perf_counter(), time.process_time()
         patch = {}
         try:
-            if main or stage in DISTRIBUTED:
-                patch = getattr(S, stage.replace("-", "_"))(self, tmp) or {}
+            if main or STAGES[stage].distributed:
+                patch = STAGES[stage].run(self, tmp) or {}
         except BaseException:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -233,14 +192,4 @@ class Pipeline:
                                                         "fingerprint": fingerprint}}, **patch})
 
 
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-__all__ = ["Pipeline", "STAGES", "OPTIONAL", "StageError", "SCRATCH", "to_jsonable"]
+__all__ = ["Pipeline", "StageError"]

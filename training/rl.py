@@ -10,7 +10,7 @@ differences within a group of responses that are all positive already). A KL pen
 is also the reference model.
 
     python -m training --preset cpu --data-dir ../shared/data --stages rl,eval-rl --set threads=1
-    # about 6 minutes on 2 cores; judge P(positive) 0.787 -> 0.923, distinct-2 0.492 -> 0.509
+    # what it reached and how long it took, with the machine: docs/TRAINING.md, "RL tuning"
 
 Why GRPO: in trl 1.16 it is the maintained online trainer that takes a plain Python reward
 function (PPO moved to ``trl.experimental`` and needs a value model and a reward *model*);
@@ -27,25 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PrinterCallback, TrainerCallback
 
-from glowing.text import generation_prompt, normalize
+from glowing.progress import progress
+from glowing.text import generation_prompt
 from training.classifier import LABEL2ID, collate, encode
 from training.config import RLConfig
 
 log = logging.getLogger(__name__)
-
-
-def query_prompts(tokenizer, texts: list[str], n: int, lo: int, hi: int, seed: int) -> list[str]:
-    """Openings of ``n`` reviews, each cut to a random ``lo..hi`` tokens (no blank ones)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
-    out = []
-    for i in picks:
-        ids = tokenizer(normalize(texts[i]), add_special_tokens=False)["input_ids"]
-        query = tokenizer.decode(ids[: int(rng.integers(lo, hi + 1))]).strip()
-        if query:
-            out.append(query)
-    return out
 
 
 def repeated_bigram_share(text: str) -> float:
@@ -142,8 +131,26 @@ def grpo_config(cfg: RLConfig, out: Path, seed: int, use_cpu: bool):
         num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, beta=cfg.kl_coef,
         num_iterations=cfg.epochs_per_batch, loss_type="dapo", scale_rewards=cfg.scale_rewards,
-        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=False, remove_unused_columns=False,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, log_completions=False)
+
+
+class StepProgress(TrainerCallback):
+    """The trainer's steps through ``glowing.progress`` (a bar on a terminal, a line per 5% elsewhere),
+    with the last logged reward and KL."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = progress(total=state.max_steps, desc="rl", unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.bar.set_postfix(reward=f"{logs['reward']:.3f}", kl=f"{logs.get('kl') or 0:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
 
 
 def tune(policy, tokenizer, reward: ClassifierReward, queries: list[str], cfg: RLConfig, out: Path, seed: int,
@@ -157,6 +164,8 @@ def tune(policy, tokenizer, reward: ClassifierReward, queries: list[str], cfg: R
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=grpo_config(cfg, out, seed, use_cpu),
                           train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # a line per logged step: glowing.progress reports instead
+    trainer.add_callback(StepProgress())
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

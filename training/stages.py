@@ -1,6 +1,9 @@
-"""One function per pipeline stage: ``stage(pipeline, out_dir) -> manifest patch``.
+"""The pipeline's stages: one function each, ``stage(pipeline, out_dir) -> manifest patch``, and at
+the bottom ``STAGES``, the one table that says, per stage, what it writes, which stages' outputs it
+reads, which config values it depends on and which function runs it.
 
-Each reads its inputs from ``pipeline.out`` (earlier stages) and writes only into ``out_dir``.
+Each function reads its inputs from ``pipeline.out`` (earlier stages) and writes only into ``out_dir``.
+``training/pipeline.py`` orders, skips and publishes the stages; this module does not import it.
 """
 
 from __future__ import annotations
@@ -8,12 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from glowing import artifacts as A
+from glowing.runtime.files import MAX_LENGTH_FILE
 from training import baseline as baseline_mod
 from training import classifier as clf
 from training import device as dev
@@ -21,10 +28,26 @@ from training import distributed as dist
 from training import evaluate as ev
 from training import lm as lm_mod
 from training import tokenizer as tok_mod
-from training.config import SCRATCH
-from training.pipeline import Pipeline, to_jsonable
+from training.config import SCRATCH, Config
+from training.data import Split
 
 log = logging.getLogger(__name__)
+
+
+class Pipeline(Protocol):
+    """What a stage sees of the running pipeline (``training.pipeline.Pipeline``)."""
+
+    cfg: Config
+    out: Path
+    fit: Split  # IMDB train minus the held-out part
+    val: Split  # the held-out part of IMDB train
+    unsup: Split
+    imdb_test: Split  # evaluation stages only
+    sst2_train_val: tuple[Split, Split]  # SST-2 train minus a held-out part, and that part
+
+    def path(self, stage: str) -> Path: ...  # the stage's output folder
+
+    def split(self, key: str) -> Split: ...  # "dataset/split", e.g. "sst2/validation"
 
 
 def _seed(p: Pipeline, offset: int = 0) -> None:
@@ -150,7 +173,7 @@ def classifier(p: Pipeline, out: Path) -> dict:
         model.save_pretrained(out)
         tok.save_pretrained(out)
         shutil.rmtree(out / "bpe", ignore_errors=True)  # the tokenizer now sits beside the model
-        (out / "max_length.txt").write_text(f"{cfg.max_length}\n")
+        (out / MAX_LENGTH_FILE).write_text(f"{cfg.max_length}\n")
     last = result.epochs[result.best_epoch - 1]
     return {"models": {"classifier": {"source": cfg.init, "vocab_size": len(tok),
                                       "architecture": model.config.architectures[0]
@@ -179,7 +202,7 @@ def _load_classifier(p: Pipeline):
     model = AutoModelForSequenceClassification.from_pretrained(path).to(dev.resolve(p.cfg.device)).eval()
     tok = _load_tokenizer(path)
     tok.padding_side = "right"
-    return model, tok, int((path / "max_length.txt").read_text())
+    return model, tok, int((path / MAX_LENGTH_FILE).read_text())
 
 
 def eval_classifier(p: Pipeline, out: Path) -> dict:
@@ -188,7 +211,7 @@ def eval_classifier(p: Pipeline, out: Path) -> dict:
     report = ev.evaluate_classifier(model, tok, max_length, judge,
                                     {"imdb_test": p.imdb_test, "sst2_validation": p.split("sst2/validation")},
                                     p.cfg.eval.batch_size, out)
-    A.write_json_atomic(out / "classifier.json", to_jsonable(report))
+    A.write_json_atomic(out / "classifier.json", report)
     headline = {m: {k: {x: v[x] for x in ev.HEADLINE} for k, v in report[m].items()}
                 for m in ("classifier", "baseline")}
     return {"metrics": headline}
@@ -204,8 +227,8 @@ def eval_generator(p: Pipeline, out: Path) -> dict:
     judge = baseline_mod.load(p.path("baseline") / A.BASELINE_FILE)
     report = ev.evaluate_generator(gen, gen_tok, model, tok, max_length, judge, p.imdb_test.where(1).texts,
                                    p.imdb_test.texts, p.cfg.eval, p.cfg.seed, out)
-    A.write_json_atomic(out / "generator.json", to_jsonable(report))
-    return {"metrics": {"generator": to_jsonable(report)}}
+    A.write_json_atomic(out / "generator.json", report)
+    return {"metrics": {"generator": report}}
 
 
 def rl(p: Pipeline, out: Path) -> dict:
@@ -221,8 +244,8 @@ def rl(p: Pipeline, out: Path) -> dict:
     model, clf_tok, max_length = _load_classifier(p)
     reward = rl_mod.ClassifierReward(model, clf_tok, max_length, cfg.reward, tok.bos_token, cfg.repetition_penalty,
                                      cfg.novelty_bonus)
-    queries = rl_mod.query_prompts(tok, p.fit.texts, cfg.queries, cfg.query_min_tokens, cfg.query_max_tokens,
-                                   p.cfg.seed + 4)
+    queries = ev.review_openings(tok, p.fit.texts, cfg.queries, cfg.query_min_tokens, cfg.query_max_tokens,
+                                 p.cfg.seed + 4, drop_blank=True)
     log.info("rl: GRPO, %d steps x %d responses (%d per query) of up to %d tokens, kl_coef %g, reward %s, "
              "%d training queries", cfg.steps, cfg.batch_size, cfg.num_generations, cfg.max_new_tokens,
              cfg.kl_coef, cfg.reward, len(queries))
@@ -263,5 +286,58 @@ def eval_rl(p: Pipeline, out: Path) -> dict:
     history = json.loads((p.path("rl") / "history.json").read_text())
     report = erl.evaluate_rl(generators, tok, reward, judge, p.imdb_test.texts, history, p.cfg.eval,
                              p.cfg.rl, p.cfg.seed, out)
-    A.write_json_atomic(out / "rl.json", to_jsonable(report))
-    return {"metrics": {"rl": to_jsonable(report["metrics"])}}
+    A.write_json_atomic(out / "rl.json", report)
+    return {"metrics": {"rl": report["metrics"]}}
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its output folder, the stages whose outputs it reads, the config values its
+    fingerprint covers (beside ``seed`` and ``data``, which every stage's covers), its function.
+
+    ``config`` maps a key of the fingerprint to a dotted path in the config; the keys are those the
+    fingerprints have always used, so that an artifacts directory built before stays up to date."""
+
+    name: str
+    output: str  # folder inside the artifacts directory
+    run: Callable[[Pipeline, Path], dict | None]  # (pipeline, temporary output folder) -> manifest patch
+    inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
+    config: dict[str, str] = field(default_factory=dict)  # fingerprint key -> dotted path in the config
+    optional: bool = False  # runs only when named (`--stages rl,eval-rl`, `make rl`)
+    distributed: bool = False  # under torchrun it runs on every rank (DDP); the others on rank 0 alone
+    one_process: bool = False  # refuses torchrun (TRL drives its own devices)
+
+    def inputs_for(self, cfg: Config) -> tuple[str, ...]:
+        return self.inputs(cfg) if callable(self.inputs) else self.inputs
+
+    def config_for(self, cfg: Config) -> dict:
+        d = cfg.to_dict()
+        return {"seed": cfg.seed, "data": d["data"]} | {key: A.get_path(d, path) for key, path in self.config.items()}
+
+
+def _classifier_inputs(cfg: Config) -> tuple[str, ...]:
+    """From scratch: the shared BPE unless it trains its own; ULMFiT: the LM; a pretrained model: nothing."""
+    if cfg.classifier.init == SCRATCH:
+        return () if cfg.classifier.vocab_size else ("tokenizer",)
+    return ("lm",) if cfg.classifier.init == "lm" else ()
+
+
+# In pipeline order. `--stages all` is every stage that is not optional: rl and eval-rl would take the cpu
+# preset past its 20-minute budget (their minutes: docs/TRAINING.md), and `make serve` does not need them.
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("tokenizer", A.TOKENIZER, tokenizer, config={"tokenizer": "tokenizer", "lm.init": "lm.init"}),
+    Stage("lm", A.LM, lm, ("tokenizer",), {"lm": "lm"}, distributed=True),
+    Stage("generator", A.GENERATOR, generator, ("lm",), {"generator": "generator"}, distributed=True),
+    Stage("classifier", A.CLASSIFIER, classifier, _classifier_inputs,
+          {"classifier": "classifier", "min_frequency": "tokenizer.min_frequency"}, distributed=True),
+    Stage("baseline", A.BASELINE, baseline, config={"baseline": "baseline"}),
+    Stage("eval-classifier", f"{A.REPORTS}/classifier", eval_classifier, ("classifier", "baseline"),
+          {"batch_size": "eval.batch_size"}),
+    Stage("eval-generator", f"{A.REPORTS}/generator", eval_generator, ("generator", "classifier", "baseline"),
+          {"eval": "eval"}),
+    Stage("rl", A.RL, rl, ("generator", "classifier"), {"rl": "rl"}, optional=True, one_process=True),
+    Stage("eval-rl", f"{A.REPORTS}/rl", eval_rl, ("rl", "generator", "classifier", "baseline"),
+          {"eval": "eval", "rl": "rl"}, optional=True, one_process=True),
+)}

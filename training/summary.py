@@ -2,7 +2,7 @@
 
     python -m training.summary artifacts
 
-The README's result tables are this command's output after ``make models``.
+The results table of docs/TRAINING.md is this command's output after ``make models``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from glowing.progress import is_terminal
 from glowing.text import normalize
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ def normalizer(kind: str):
 
 
 def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, normalize_kind: str = "none"):
-    import sys
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +51,7 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, normalize_k
         min_frequency=min_frequency,
         special_tokens=[EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=sys.stderr.isatty(),
+        show_progress=is_terminal(),  # the Rust bar has no plain-line mode
     )
     tok.train_from_iterator((normalize(t) for t in texts), trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(

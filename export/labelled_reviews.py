@@ -14,8 +14,8 @@ import numpy as np
 IMDB_TEST = Path("imdb") / "test.parquet"
 
 
-class DataError(ValueError):
-    pass
+class ReviewDataError(ValueError):
+    """The labelled IMDB test reviews cannot be read (training has its own ``training.data.DataError``)."""
 
 
 @dataclass
@@ -48,19 +48,19 @@ class Reviews:
 def load_imdb_test(data_dir: str | Path | None) -> Reviews:
     """IMDB test, labelled. Fails with a message that says what to pass when the file is absent."""
     if data_dir is None:
-        raise DataError("the parity checks need labelled IMDB reviews: pass --data-dir (a folder holding "
+        raise ReviewDataError("the parity checks need labelled IMDB reviews: pass --data-dir (a folder holding "
                         "imdb/test.parquet, e.g. ../shared/data) or set GLOWING_DATA_DIR")
     path = Path(data_dir) / IMDB_TEST
     if not path.is_file():
-        raise DataError(f"{path} is missing: --data-dir must hold imdb/test.parquet")
+        raise ReviewDataError(f"{path} is missing: --data-dir must hold imdb/test.parquet")
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path, columns=["text", "label"])
     except Exception as err:  # pyarrow raises several types for damaged files or missing columns
-        raise DataError(f"{path} is not a Parquet file with 'text' and 'label' columns: {err}") from err
+        raise ReviewDataError(f"{path} is not a Parquet file with 'text' and 'label' columns: {err}") from err
     texts = table.column("text").to_pylist()
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     if len(texts) == 0 or not set(np.unique(labels).tolist()) <= {0, 1} or len(set(labels.tolist())) < 2:
-        raise DataError(f"{path}: expected labelled reviews with both labels 0 and 1")
+        raise ReviewDataError(f"{path}: expected labelled reviews with both labels 0 and 1")
     return Reviews(texts, labels, str(path))
