@@ -56,7 +56,7 @@ from glowing import logs
 from glowing.runtime import Generator, ModelFileError, SamplingSettings, load_generator
 from glowing.runtime import generator as generator_module
 from glowing.runtime.engine import Engine
-from glowing.runtime.files import ONNX_FILES
+from glowing.runtime.files import ONNX_FILES, TORCH_WEIGHTS
 from glowing.runtime.sampling import next_tokens_per_row
 
 log = logging.getLogger("export.bench_decode")
@@ -315,7 +315,7 @@ def optimum_graph(model_dir: Path, cache: Path) -> Path:
 
 def _weights_digest(model_dir: Path) -> str:
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
+    for name in ("config.json", *TORCH_WEIGHTS):
         if (model_dir / name).is_file():
             digest.update((model_dir / name).read_bytes())
     return digest.hexdigest()[:12]

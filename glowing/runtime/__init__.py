@@ -43,15 +43,15 @@ def load_scorer(model_dir: str | Path, backend: str = "onnx", device: str = "aut
                 threads: int | None = None, batch_size: int | None = None, max_length: int | None = None,
                 max_batch_tokens: int = MAX_BATCH_TOKENS) -> Scorer:
     """A sentiment scorer. ``precision``: fp32, int8 (ONNX, CPU) or fp16 (GPU). ``threads``: threads
-    the model uses (None = all cores). ``batch_size``: texts per model call (default 32; 1 for int8,
+    the model uses (None = ONNX Runtime's default, all cores). ``batch_size``: texts per model call (default 32; 1 for int8,
     see below). ``max_batch_tokens``: padded positions (rows x longest text) per model call; the
     texts of one ``score`` call are sorted by length and split into model calls within both limits
     (``plan_calls``). ``max_length`` lowers the truncation length below the model's own.
 
     int8 runs one text per call: dynamic quantization computes its activation scales over the
-    whole input tensor, so in a batch a text's score would move (by up to 0.017 measured) with its
-    partners. Its ``threads`` then score that many texts at once, one single-threaded call each:
-    on 2 cores that doubled int8 throughput at 128 tokens over one call at a time on 2 threads.
+    whole input tensor, so in a batch a text's score would move with its partners. Its ``threads``
+    then score that many texts at once, one single-threaded call each (measured against one call
+    at a time on all threads: docs/EXPORT.md, "Length-aware scoring calls", `make bench-scoring`).
     """
     _check_backend(backend)
     if batch_size is None:

@@ -14,6 +14,7 @@ from typing import Any
 CLASSIFIER = "classifier"
 GENERATOR = "generator"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model_quantized.onnx", "fp16": "model_fp16.onnx"}
+TORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what transformers writes, newest format first
 MAX_LENGTH_FILE = "max_length.txt"
 
 

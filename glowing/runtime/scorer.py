@@ -24,8 +24,8 @@ HEAD_CHARS_PER_TOKEN = 8  # generous: English BPE tokens average 4-5 characters
 HEAD_MARGIN = 4  # tokens past max_length that a cut head must still produce
 # The planner's cost model, in positions: what a model call costs beyond the positions it computes,
 # and the padded length at which attention doubles a position's cost. Fitted to timed calls of the
-# cpu-preset classifier on this kind of machine (`python -m export.bench_scoring --fit`; README,
-# "Length-aware scoring calls"). With either off by a factor of two, the plans of the load test's
+# cpu-preset classifier on this kind of machine (`python -m export.bench_scoring --fit`;
+# docs/EXPORT.md, "Length-aware scoring calls"). With either off by a factor of two, the plans of the load test's
 # texts cost under 1% more under the true figures.
 CALL_OVERHEAD = 16
 ATTENTION_SPAN = 512

@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from glowing.runtime.files import DeviceError, ModelFileError, require_file
+from glowing.runtime.files import TORCH_WEIGHTS, DeviceError, ModelFileError, require_file
 
 log = logging.getLogger("glowing.runtime")
-WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def _device(device: str, precision: str, threads: int | None) -> tuple[Any, Any]:
@@ -39,8 +38,8 @@ def _device(device: str, precision: str, threads: int | None) -> tuple[Any, Any]
 def _load(auto_class: str, model_dir: Path, device: str, precision: str, threads: int | None, fix: str):
     import transformers
 
-    if not any((model_dir / w).is_file() for w in WEIGHTS):
-        raise ModelFileError(model_dir / WEIGHTS[0], "the PyTorch weights are missing", fix)
+    if not any((model_dir / w).is_file() for w in TORCH_WEIGHTS):
+        raise ModelFileError(model_dir / TORCH_WEIGHTS[0], "the PyTorch weights are missing", fix)
     require_file(model_dir / "config.json", "the model config", fix)
     torch_device, dtype = _device(device, precision, threads)
     try:
