@@ -79,6 +79,8 @@ def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
     k-th and (k+1)-th largest logits tie (where the per-row partition's choice decides), goes
     through ``sample_row``. Each row still draws one number from its own generator.
     """
+    if all(s.greedy for s in settings):
+        return np.argmax(logits, axis=-1).astype(np.int64)
     n = len(settings)
     out = np.empty(n, dtype=np.int64)
     groups: dict[int, list[int]] = {}
