@@ -355,3 +355,39 @@ def test_newcomers_of_a_very_different_width_run_as_their_own_cohort(generator, 
     for prompt, seed, rec in recorders:
         tokens = 40 if seed == 60 else 30 if seed == 61 else 20
         assert rec.tokens[0] == alone(generator, prompt, sampled(seed, tokens))
+
+
+def test_ended_rows_stay_as_padding_until_a_quarter_of_the_cohort_has_ended(generator):
+    """Cutting an ended row out copies the whole cache: the engine feeds it padding instead until
+    COMPACT_SHARE of the cohort has ended, then compacts once; nobody's tokens change."""
+    from glowing.runtime.engine import COMPACT_SHARE
+
+    assert COMPACT_SHARE == 0.25
+    engine = Engine(generator, max_rows=8)
+    lengths = [3, 5, 30, 30, 30, 30, 30, 30]  # 8 rows: the first ends, then the second
+    rec = Recorder(8)
+    settings = [sampled(80 + i, n) for i, n in enumerate(lengths)]
+    engine.submit("This movie", settings, rec)
+    physical = []
+    while engine.step():
+        physical.append((engine.running, sum(len(c.rows) for c in engine._cohorts)))
+    assert any(live < rows for live, rows in physical)  # an ended row kept its slot a while
+    assert all(rows - live < 0.25 * rows or live == 0 for live, rows in physical)  # never a quarter dead
+    for i, s in enumerate(settings):
+        assert rec.tokens[i] == alone(generator, "This movie", s)
+
+
+def test_an_ended_row_waiting_for_compaction_never_runs_past_the_context(generator):
+    """An ended row's history keeps growing while it waits: the cohort is compacted when its width
+    reaches the context, and the ended row's positions are clamped until then."""
+    context = generator.n_positions
+    engine = Engine(generator, max_rows=8)
+    long_prompt = " ".join(["great"] * (context - 8))
+    engine.submit(long_prompt, [sampled(90, 2)], Recorder(1))
+    rec = Recorder(7)
+    settings = [sampled(91 + i, 24) for i in range(7)]
+    engine.submit("Great", settings, rec)  # same prefill: one cohort, 1 of 8 ends early (under a quarter)
+    while engine.step():
+        assert all(c.mask.shape[1] <= context for c in engine._cohorts)
+    for i, s in enumerate(settings):
+        assert rec.tokens[i] == alone(generator, "Great", s)

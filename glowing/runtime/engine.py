@@ -60,6 +60,10 @@ WAITING_SERVED_RATIO = 1.2  # as TGI's waiting_served_ratio (see _admit)
 # position for the cpu preset on 2 cores (py-spy of the engine under load); plans change little if
 # it is off by 2x.
 CALL_POSITIONS = 2048
+# Rows that end stay in their cohort's arrays, fed padding and ignored, until they are this share of
+# it: cutting them out copies the whole KV cache, which costs as much as many steps of a dead row
+# (a row finishing every step or two of a 64-row batch made the copies a tenth of the engine's time).
+COMPACT_SHARE = 0.25
 
 
 class QueueFull(RuntimeError):
@@ -121,9 +125,10 @@ class _Row:
 
 @dataclass(eq=False)
 class _Batch:
-    """The running rows and their shared model state (row order = array order)."""
+    """The running rows and their shared model state (row order = array order). A row that ended is
+    None until the cohort is compacted (``COMPACT_SHARE``)."""
 
-    rows: list[_Row]
+    rows: list[_Row | None]
     past: Any  # the backend's KV cache, ``width`` positions
     mask: np.ndarray  # (rows, width) int64, left padded
     lengths: np.ndarray  # (rows,) real tokens seen so far = the position of the next token
@@ -157,7 +162,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(len(b.rows) for b in list(self._cohorts))
+        return sum(len(b.rows) - b.rows.count(None) for b in list(self._cohorts))
 
     @property
     def waiting(self) -> int:
@@ -219,7 +224,7 @@ class Engine:
             except Exception as err:  # a bug here must not kill the only thread that serves generation
                 log.exception("engine step failed; its running rows fail, the engine goes on")
                 out: dict[Request, list[RowUpdate]] = {}
-                self._fail([r for c in self._cohorts for r in c.rows], err, out)
+                self._fail([r for c in self._cohorts for r in c.rows if r is not None], err, out)
                 self._cohorts = []
                 self.deliver(list(out.items()))
 
@@ -260,10 +265,10 @@ class Engine:
         for row in gone:
             self._emit(out, row, None, CANCELLED)
         for cohort in list(self._cohorts):
-            keep = [j for j, r in enumerate(cohort.rows) if not r.request.cancelled]
-            for j in set(range(len(cohort.rows))) - set(keep):
+            gone = [j for j, r in enumerate(cohort.rows) if r is not None and r.request.cancelled]
+            for j in gone:
                 self._emit(out, cohort.rows[j], None, CANCELLED)
-            self._keep(cohort, keep)
+            self._retire(cohort, gone)
 
     def _sample(self, rows: list[_Row], logits: np.ndarray, out: dict) -> list[int]:
         """Sample one token per row, send it, and return the indices of the rows that go on."""
@@ -293,17 +298,23 @@ class Engine:
 
     def _decode(self, b: _Batch, out: dict) -> None:
         mask = np.concatenate([b.mask, np.ones((len(b.rows), 1), dtype=np.int64)], axis=1)
+        live = [j for j, r in enumerate(b.rows) if r is not None]
         try:
-            logits, past = self._lm.forward(b.next_ids[:, None], mask, b.lengths[:, None], b.past)
+            # an ended row's positions may run past the context while it waits for compaction: clamped
+            positions = np.minimum(b.lengths, self.generator.n_positions - 1)[:, None]
+            logits, past = self._lm.forward(b.next_ids[:, None], mask, positions, b.past)
         except Exception as err:  # the rows of this call fail; the engine serves the next requests
-            self._fail(b.rows, err, out)
+            self._fail([b.rows[j] for j in live], err, out)
             self._cohorts.remove(b)
             return
         self.steps += 1
         b.past, b.mask, b.lengths = past, mask, b.lengths + 1
-        kept = self._keep(b, self._sample(b.rows, logits, out))
+        if len(live) < len(b.rows):
+            logits = logits[live]
+        going_on = set(self._sample([b.rows[j] for j in live], logits, out))
+        kept = self._retire(b, [j for i, j in enumerate(live) if i not in going_on])
         if kept is not None:
-            kept.next_ids = np.asarray([r.tokens[-1] for r in kept.rows], dtype=np.int64)
+            kept.next_ids = np.asarray([self._pad if r is None else r.tokens[-1] for r in kept.rows], dtype=np.int64)
 
     def _admit(self) -> list[_Row]:
         with self._lock:
@@ -377,12 +388,17 @@ class Engine:
         return _Batch(a.rows + b.rows, self._lm.concat([a.past, b.past], pads), mask,
                       np.concatenate([a.lengths, b.lengths]), np.concatenate([a.next_ids, b.next_ids]))
 
-    def _keep(self, b: _Batch, keep: list[int]) -> _Batch | None:
-        """Keep only rows ``keep`` of cohort ``b`` and cut the columns they all mask; the cohort
-        that stays (None when none does)."""
-        if len(keep) == len(b.rows):
+    def _retire(self, b: _Batch, gone: list[int]) -> _Batch | None:
+        """Rows ``gone`` of cohort ``b`` have ended: they become None, and once the ended rows are
+        ``COMPACT_SHARE`` of the cohort, the live ones are copied out and the columns they all mask
+        cut. Returns the cohort that stays (None when no row lives)."""
+        for j in gone:
+            b.rows[j] = None
+        dead = b.rows.count(None)
+        if dead == 0 or (dead < COMPACT_SHARE * len(b.rows) and b.mask.shape[1] < self.generator.n_positions):
             return b
         at = self._cohorts.index(b)
+        keep = [j for j, r in enumerate(b.rows) if r is not None]
         if not keep:
             del self._cohorts[at]
             return None
