@@ -157,6 +157,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decoding and prefill calls so far (tests, benchmarks)
+        self._reported: tuple[int, int] | None = None  # (running, waiting) last given to observer.step
 
     # ---- the outside: any thread ----------------------------------------------------------------
 
@@ -242,7 +243,10 @@ class Engine:
         if newcomers:
             self._prefill(newcomers, out)
             did = True
-        self.observer.step(self.running, self.waiting)
+        state = (self.running, self.waiting)
+        if state != self._reported:  # the gauges are shared-memory writes in a multi-process server
+            self.observer.step(*state)
+            self._reported = state
         if out:
             self.deliver(list(out.items()))
         return did
