@@ -9,8 +9,9 @@ Two views of one ``Generator.generate_ids`` call on the ONNX generator:
   Detokenizing is not part of ``generate_ids``: it is timed after it, as ``Generator.generate``
   does it (one ``decode_batch``) and as streaming does it (``IncrementalDetokenizer``, per token);
 - inside ``session.run``: ONNX Runtime's own profiler, kernel time per operator type over the
-  decoding steps (the prefill call left out). Each step's key/value is appended to the cache by a
-  copy of the whole cache into a new output (``MultiHeadAttention``'s present, or Optimum's ``Concat``).
+  decoding steps (the prefill call left out). The export's graph on CPU writes each step's key/value
+  into the cache in place (``onnx_backend.SharedCache``); Optimum's graph copies the whole cache into
+  a new output every step (its ``Concat``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 
 from glowing.runtime import Generator, SamplingSettings
 from glowing.runtime import generator as generator_module
+from glowing.runtime.onnx_backend import SharedCache
 
 
 class _TimedSession:
@@ -37,6 +39,11 @@ class _TimedSession:
         self._timers["ort_run"] += time.perf_counter() - started
         self._counts["cache_bytes_out"] += sum(o.nbytes for o in outputs[1:])
         return outputs
+
+    def run_with_iobinding(self, binding):  # a cache written in place (SharedCache): no outputs to count
+        started = time.perf_counter()
+        self._session.run_with_iobinding(binding)
+        self._timers["ort_run"] += time.perf_counter() - started
 
     def __getattr__(self, name):
         return getattr(self._session, name)
@@ -56,6 +63,11 @@ class _TimedLM:
         result = self._lm.forward(*args)
         self._timers["forward"] += time.perf_counter() - started
         self._counts["steps"] += 1
+        cache = result[1]
+        if isinstance(cache, SharedCache):  # written in place: the step's own key/value only
+            b = cache.buffers[0]
+            self._counts["cache_bytes_out"] += len(cache.buffers) * b.shape[0] * b.shape[1] * args[0].shape[1] \
+                * b.shape[3] * b.itemsize
         return result
 
     def select(self, *args, **kwargs):
@@ -138,7 +150,7 @@ def ort_operator_profile(gen: Generator, prompts: list[str], settings: list[Samp
     """Kernel time per operator type over the decoding steps (not the prefill), from ORT's profiler."""
     import onnxruntime as ort
 
-    from glowing.runtime.onnx_backend import OnnxCausalLM
+    from glowing.runtime.onnx_backend import OnnxCausalLM, shared_kv_graph
 
     if gen.backend != "onnx":
         return {}
@@ -148,7 +160,8 @@ def ort_operator_profile(gen: Generator, prompts: list[str], settings: list[Samp
     options.profile_file_prefix = str(ort_dir / f"decode-batch{len(prompts)}")
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(gen.model_file), options, providers=["CPUExecutionProvider"])
+    model = shared_kv_graph(gen.model_file) or str(gen.model_file)  # as load_generator runs it on CPU
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     config = json.loads((gen.model_file.parent / "config.json").read_text())
     lm = OnnxCausalLM(session, gen.model_file, config, fix="")
     Generator(lm, gen.codec, n_positions=gen.n_positions, eos_ids=gen.eos_ids, info=gen.info()) \

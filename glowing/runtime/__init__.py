@@ -107,7 +107,8 @@ def load_generator(model_dir: str | Path, backend: str = "onnx", device: str = "
         from glowing.runtime import onnx_backend as ob
 
         file = ob.model_file(path, precision, fix)
-        session = ob.create_session(file, device=device, precision=precision, threads=threads, fix=fix)
+        session = ob.create_session(file, device=device, precision=precision, threads=threads, fix=fix,
+                                    cpu_graph=ob.shared_kv_graph)
         lm, providers = ob.OnnxCausalLM(session, file, config, fix), session.get_providers()
     else:
         from glowing.runtime.torch_backend import TorchCausalLM

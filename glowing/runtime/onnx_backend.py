@@ -10,8 +10,9 @@ GPU format and runs on CPU too, slower than fp32 there.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,8 +29,11 @@ def model_file(model_dir: Path, precision: str, fix: str) -> Path:
     return require_file(model_dir / ONNX_FILES[precision], f"the {precision} ONNX model", fix)
 
 
-def create_session(path: Path, *, device: str, precision: str, threads: int | None, fix: str):
-    """An InferenceSession on the providers ``device`` asks for; the active ones are logged."""
+def create_session(path: Path, *, device: str, precision: str, threads: int | None, fix: str,
+                   cpu_graph: Callable[[Path], bytes | None] | None = None):
+    """An InferenceSession on the providers ``device`` asks for; the active ones are logged.
+    ``cpu_graph``: when the session is to run on the CPU provider only, a rewrite of the model to
+    load instead of the file (None: the file as it is)."""
     import onnxruntime as ort
 
     if device not in ("auto", "cpu", "cuda"):
@@ -51,8 +55,8 @@ def create_session(path: Path, *, device: str, precision: str, threads: int | No
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), sess_options=options,
-                                       providers=[CUDA, CPU] if want_cuda else [CPU])
+        model = (cpu_graph(path) if cpu_graph and not want_cuda else None) or str(path)
+        session = ort.InferenceSession(model, sess_options=options, providers=[CUDA, CPU] if want_cuda else [CPU])
     except Exception as err:  # onnxruntime raises InvalidProtobuf, Fail, InvalidGraph... for a bad file
         raise ModelFileError(path, f"ONNX Runtime cannot load it ({type(err).__name__}: {err})", fix) from err
     active = session.get_providers()
@@ -94,9 +98,50 @@ class OnnxClassifier:
         return self.session.run(["logits"], feeds)[0].astype(np.float32, copy=False)
 
 
+SHARED_LENGTH = "past_sequence_length"
+GROW = 64  # positions a shared KV buffer gains when it is full (and holds beyond its rows' width when made)
+
+
+def shared_kv_graph(path: Path) -> bytes | None:
+    """The export's rebuilt decoding graph (export/decoder_graph.py) with ``MultiHeadAttention``'s
+    shared past/present buffer wired: a ``past_sequence_length`` input, so that each step writes its
+    key/value into the cache in place instead of copying the whole cache into a new output. CPU
+    only (on CUDA the same input selects another kernel with another cache layout); None for a
+    graph without ``MultiHeadAttention`` (Optimum's), which runs as it is."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(path)
+    attention = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    if not attention or any(len(n.input) > 8 and n.input[8] for n in attention) \
+            or any(len(n.input) < 8 or not n.input[6] or not n.input[7] for n in attention):
+        return None
+    model.graph.input.append(helper.make_tensor_value_info(SHARED_LENGTH, TensorProto.INT32, [1]))
+    for node in attention:
+        del node.input[8:]
+        node.input.append(SHARED_LENGTH)
+    return model.SerializeToString()
+
+
+@dataclass
+class SharedCache:
+    """A KV cache written in place: per layer a key and a value buffer (rows, heads, capacity,
+    head_dim) of which the first ``length`` positions hold the cache (left-padded like any other);
+    what lies beyond is never read."""
+
+    buffers: list[np.ndarray]
+    length: int
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+
 class OnnxCausalLM:
     """The merged decoder exported with ``text-generation-with-past``: one graph, fed an empty
-    cache (length 0) on the first step and its own ``present.*`` outputs after that."""
+    cache (length 0) on the first step and its own ``present.*`` outputs after that. A graph with
+    a ``past_sequence_length`` input (``shared_kv_graph``) keeps its cache in ``SharedCache``
+    buffers instead, bound to both its past inputs and present outputs (IO binding)."""
 
     def __init__(self, session, path: Path, config: dict[str, Any], fix: str):
         self.session = session
@@ -116,9 +161,13 @@ class OnnxCausalLM:
         self._positions = "position_ids" in inputs
         self._cache_branch = "use_cache_branch" in inputs  # older Optimum merged decoders
         self._outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self._past]
+        self.shared = SHARED_LENGTH in inputs
+        self._vocab = config.get("vocab_size")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+                past: list[np.ndarray] | SharedCache | None) -> tuple[np.ndarray, list[np.ndarray] | SharedCache]:
+        if self.shared:
+            return self._forward_shared(input_ids, attention_mask, position_ids, past)
         if past is None:
             past = [np.zeros((len(input_ids), *self._head_shape[:1], 0, self._head_shape[1]), self._dtype)
                     for _ in self._past]
@@ -130,10 +179,65 @@ class OnnxCausalLM:
         logits, *present = self.session.run(self._outputs, feeds)
         return logits[:, -1, :].astype(np.float32), present
 
-    def select(self, past: list[np.ndarray], rows: np.ndarray, start: int = 0) -> list[np.ndarray]:
+    def _forward_shared(self, input_ids, attention_mask, position_ids, past: SharedCache | None):
+        import onnxruntime as ort
+
+        rows, new = input_ids.shape
+        if past is None:
+            past = SharedCache([np.empty((rows, self._head_shape[0], new + GROW, self._head_shape[1]), self._dtype)
+                                for _ in self._past], 0)
+        elif past.length + new > past.capacity:  # full: a bigger buffer, the cache copied once
+            grown = past.length + new + max(GROW, past.capacity // 2)
+            buffers = []
+            for b in past.buffers:
+                bigger = np.empty((b.shape[0], b.shape[1], grown, b.shape[3]), b.dtype)
+                bigger[:, :, : past.length] = b[:, :, : past.length]
+                buffers.append(bigger)
+            past = SharedCache(buffers, past.length)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
+        if self._positions:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
+        binding.bind_cpu_input(SHARED_LENGTH, np.array([past.length], dtype=np.int32))
+        for name, out, buffer in zip(self._past, self._outputs[1:], past.buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(out, value)
+        logits = np.empty((rows, 1, self._vocab), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(binding)
+        return logits[:, -1, :], SharedCache(past.buffers, past.length + new)
+
+    def select(self, past: list[np.ndarray] | SharedCache, rows: np.ndarray,
+               start: int = 0) -> list[np.ndarray] | SharedCache:
+        if isinstance(past, SharedCache):
+            width = past.length - start
+            buffers = []
+            for b in past.buffers:
+                kept = np.empty((len(rows), b.shape[1], width + GROW, b.shape[3]), b.dtype)
+                kept[:, :, :width] = b[rows, :, start : past.length]
+                buffers.append(kept)
+            return SharedCache(buffers, width)
         return [p[rows, :, start:] for p in past]
 
-    def concat(self, pasts: list[list[np.ndarray]], pads: list[int]) -> list[np.ndarray]:
+    def concat(self, pasts: list[list[np.ndarray]] | list[SharedCache],
+               pads: list[int]) -> list[np.ndarray] | SharedCache:
+        if isinstance(pasts[0], SharedCache):
+            width = max(p.length + pad for p, pad in zip(pasts, pads))
+            total = sum(p.buffers[0].shape[0] for p in pasts)
+            buffers = []
+            for layer in range(len(pasts[0].buffers)):
+                first = pasts[0].buffers[layer]
+                merged = np.empty((total, first.shape[1], width + GROW, first.shape[3]), first.dtype)
+                merged[:, :, :width] = 0  # masked positions are read (and weighted 0): they must be finite
+                row = 0
+                for part in pasts:
+                    n = part.buffers[layer].shape[0]
+                    merged[row : row + n, :, width - part.length : width] = part.buffers[layer][:, :, : part.length]
+                    row += n
+                buffers.append(merged)
+            return SharedCache(buffers, width)
         width = max(p[0].shape[2] + pad for p, pad in zip(pasts, pads))
         total = sum(p[0].shape[0] for p in pasts)
         out = []
