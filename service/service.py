@@ -3,8 +3,8 @@
     make serve                                   # builds missing artifacts, then serves on :3000
     GLOWING_ARTIFACTS=artifacts bentoml serve    # from the repository root (bentofile.yaml)
 
-``Scorer`` and ``Generator`` each hold one model behind a batchable method: concurrent
-requests merge into one model call (``max_batch_size``, ``max_latency_ms`` from the settings).
+``ScorerService`` (glowing-scorer) and ``GeneratorService`` (glowing-generator) each hold one model
+behind a batchable method: concurrent requests merge into one model call (``max_batch_size``, ``max_latency_ms`` from the settings).
 ``Glowing`` is the API: ``/score``, ``/generate``, ``/reviews`` and ``/info`` (GET or POST);
 BentoML adds ``/livez``, ``/readyz`` (200 once every model is loaded and warmed up) and
 ``/metrics``. The decorator values below are read from the settings when this module is
@@ -20,7 +20,7 @@ from typing import AsyncGenerator, AsyncIterator
 import bentoml
 
 from glowing import artifacts as A
-from service import auth, batching, metrics, models, patches, schemas, store, streaming
+from service import auth, batching, loading, metrics, patches, schemas, store, streaming
 from service import openai_protocol as oai
 from service.disconnect import CancelOnDisconnect
 from service.errors import ApiError, Guard, from_exception
@@ -45,12 +45,12 @@ PROGRESS = 8  # /reviews candidates report their token count this often (for the
 
 @bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
                  traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
-class Scorer:
+class ScorerService:
     packed_models = store.declared(SETTINGS)  # GLOWING_MODEL_TAG: `bentoml build` packs it
 
     def __init__(self) -> None:
         self.settings = store.resolve(get_settings())
-        self.model = models.load(A.CLASSIFIER, self.settings)
+        self.model = loading.load(A.CLASSIFIER, self.settings)
         self.metrics = metrics.get()
         self.queue = None  # the zero-wait queue, made on the first request (it needs the event loop)
 
@@ -59,7 +59,7 @@ class Scorer:
         """GLOWING_BATCHING=engine: zero-wait batching across requests (no batching window)."""
         loop = asyncio.get_running_loop()
         if self.queue is None or self.queue[0] is not loop:  # one per event loop (tests run several)
-            self.queue = (loop, models.score_queue(self.model, self.settings, self.metrics))
+            self.queue = (loop, loading.score_queue(self.model, self.settings, self.metrics))
         return await self.queue[1].score(texts)
 
     @bentoml.api(**batching.decorator(SETTINGS.scorer_max_batch_size, SETTINGS.scorer_max_latency_ms))
@@ -70,19 +70,19 @@ class Scorer:
 
     @bentoml.api
     def describe(self) -> dict:
-        return models.describe(A.CLASSIFIER, self.model, self.settings)
+        return loading.describe(A.CLASSIFIER, self.model, self.settings)
 
 
 @bentoml.service(name="glowing-generator", workers=SETTINGS.generator_workers, resources=GPU,
                  traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
-class Generator:
+class GeneratorService:
     packed_models = store.declared(SETTINGS)
 
     def __init__(self) -> None:
         self.settings = store.resolve(get_settings())
-        self.model = models.load(A.GENERATOR, self.settings)
+        self.model = loading.load(A.GENERATOR, self.settings)
         self.metrics = metrics.get()
-        self.engine = models.engine(self.model, self.settings, metrics.EngineMetrics(self.metrics)) \
+        self.engine = loading.engine(self.model, self.settings, metrics.EngineMetrics(self.metrics)) \
             if self.settings.batching == "engine" else None
         self.bridge = None  # the engine's asyncio side, made on the first request (it needs the event loop)
 
@@ -119,18 +119,18 @@ class Generator:
 
     @bentoml.api
     def describe(self) -> dict:
-        return models.describe(A.GENERATOR, self.model, self.settings)
+        return loading.describe(A.GENERATOR, self.model, self.settings)
 
 
 @bentoml.service(name="glowing", workers=SETTINGS.api_workers,
                  traffic={"timeout": SETTINGS.timeout + 10})  # our own timeout answers first, in the envelope
 class Glowing:
-    scorer = bentoml.depends(Scorer)
-    generator = bentoml.depends(Generator)
+    scorer = bentoml.depends(ScorerService)
+    generator = bentoml.depends(GeneratorService)
 
     def __init__(self) -> None:
         self.settings = store.resolve(get_settings())
-        self.manifest = models.read_manifest(self.settings)
+        self.manifest = loading.read_manifest(self.settings)
         self.metrics = metrics.get()
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
         self._acceptance: dict[float, float] = {}  # min_positive (to 0.1) -> recent acceptance rate (/reviews)
@@ -141,8 +141,8 @@ class Glowing:
         """Runs once in the `bentoml serve` process before any worker starts: missing or corrupt
         artifacts stop the server with a message, instead of workers restarting in a loop."""
         try:
-            models.preflight(store.resolve(get_settings()))
-        except models.StartupError as err:
+            loading.preflight(store.resolve(get_settings()))
+        except loading.StartupError as err:
             raise SystemExit(f"glowing: cannot start: {err}") from None
 
     @bentoml.api(route="/score", input_spec=REQUESTS.score)
@@ -492,7 +492,7 @@ class Glowing:
         if self._tokenizer is None:
             from pathlib import Path
 
-            path = Path(models.model_dir(A.GENERATOR, self.settings)) / "tokenizer.json"
+            path = Path(loading.model_dir(A.GENERATOR, self.settings)) / "tokenizer.json"
             try:
                 from tokenizers import Tokenizer
 
@@ -583,7 +583,7 @@ def _review(text: str, p: float) -> schemas.Review:
 
 # A client that leaves cancels its work, in every service (service/disconnect.py); outermost, so that
 # it sees the body the guard reads.
-for _service in (Glowing, Scorer, Generator):
+for _service in (Glowing, ScorerService, GeneratorService):
     _service.add_asgi_middleware(CancelOnDisconnect)
 Glowing.add_asgi_middleware(
     Guard, models={"/score": REQUESTS.score, "/generate": REQUESTS.generate, "/reviews": REQUESTS.reviews,

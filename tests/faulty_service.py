@@ -4,18 +4,18 @@
 
 A scoring batch (a take of the zero-wait queue, or an adaptive batch) that holds a text containing ``FAULT`` raises inside the model call, as a runtime
 error or a model bug would; every other batch is scored normally. The fault lives here, in the test
-tree, and is applied by patching ``service.models.load`` before the service module is imported (every
+tree, and is applied by patching ``service.loading.load`` before the service module is imported (every
 BentoML worker imports this module): the production code has no switch that could inject it.
 """
 
 import logging
 
 from glowing import artifacts as A
-from service import models
+from service import loading
 
 FAULT = "<<inject a fault into this batch>>"
 log = logging.getLogger("bentoml.glowing")
-_load = models.load
+_load = loading.load
 
 
 class FaultyScorer:
@@ -45,6 +45,6 @@ def _faulty_load(kind: str, settings):
     return FaultyScorer(model) if kind == A.CLASSIFIER else model
 
 
-models.load = _faulty_load
+loading.load = _faulty_load
 
-from service.service import Generator, Glowing, Scorer  # noqa: E402,F401  (what bentoml serves)
+from service.service import GeneratorService, Glowing, ScorerService  # noqa: E402,F401  (what bentoml serves)

@@ -4,7 +4,7 @@
 
 Every model call of the generator takes at least ``GLOWING_TEST_STEP_MS`` (default 5) milliseconds
 more, so that the tiny test model's requests last long enough to be abandoned half-way, as a real
-model's do. Applied by patching ``service.models.load`` from the test tree (as tests/faulty_service.py
+model's do. Applied by patching ``service.loading.load`` from the test tree (as tests/faulty_service.py
 does): the production code has no such switch.
 """
 
@@ -12,9 +12,9 @@ import os
 import time
 
 from glowing import artifacts as A
-from service import models
+from service import loading
 
-_load = models.load
+_load = loading.load
 
 
 class SlowLM:
@@ -36,6 +36,6 @@ def _slow_load(kind: str, settings):
     return model
 
 
-models.load = _slow_load
+loading.load = _slow_load
 
-from service.service import Generator, Glowing, Scorer  # noqa: E402,F401  (what bentoml serve serves)
+from service.service import GeneratorService, Glowing, ScorerService  # noqa: E402,F401  (what bentoml serve serves)

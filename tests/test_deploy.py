@@ -269,7 +269,7 @@ from _bentoml_impl.server.allocator import ResourceAllocator
 import service.service as s
 alloc = ResourceAllocator()
 alloc.remaining_gpus, alloc._available_gpus = 1, [(1.0, 1.0)]
-print([alloc.assign_gpus(svc.config["resources"]["gpu"]) for svc in (s.Scorer, s.Generator)])
+print([alloc.assign_gpus(svc.config["resources"]["gpu"]) for svc in (s.ScorerService, s.GeneratorService)])
 """
     out = run([sys.executable, "-c", code], GLOWING_DEVICE="cuda")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -289,13 +289,13 @@ def test_make_container_without_docker_says_how(tmp_path):
 def test_a_damaged_store_model_is_named_with_how_to_replace_it(exported, tmp_path):
     import shutil
 
-    from service import models
+    from service import loading
     from service.settings import get_settings
 
     copy = tmp_path / "store-model"
     shutil.copytree(exported, copy)
     (copy / "onnx" / "classifier" / "model.onnx").write_bytes(b"truncated")
     settings = get_settings(model_tag="glowing-models:abc").model_copy(update={"artifacts": copy})
-    with pytest.raises(models.StartupError, match="model.onnx.*differs from the file the export recorded") as err:
-        models.preflight(settings)
+    with pytest.raises(loading.StartupError, match="model.onnx.*differs from the file the export recorded") as err:
+        loading.preflight(settings)
     assert "bentoml models delete glowing-models:abc" in str(err.value) and "make serve" not in str(err.value)

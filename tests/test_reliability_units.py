@@ -76,9 +76,9 @@ def test_body_limit_default_and_override():
 def test_model_services_keep_one_session():
     """BentoML's default (a new session every 100 requests, closing the old one under requests in
     flight) lost answers under load; see service.service.CONNECTION and README "Reliability"."""
-    from service.service import Generator, Scorer
+    from service.service import GeneratorService, ScorerService
 
-    for svc in (Scorer, Generator):
+    for svc in (ScorerService, GeneratorService):
         assert svc.config["runner_connection"]["max_requests"] >= 2**31 - 1
         assert svc.config["runner_connection"]["max_age"] >= 1e9
 
