@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from export import register
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.artifacts import read_manifest
 from loadtests.server import Server, free_port
 
@@ -132,6 +131,7 @@ def bentos(exported) -> dict[str, Path]:
     return {v: store / f"glowing-{v}" / (store / f"glowing-{v}" / "latest").read_text().strip() for v in VARIANTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bento_declares_the_exported_models_and_the_runtime_of_its_variant(bentos, exported, variant):
     bentofile, runtime, device = VARIANTS[variant]
@@ -181,6 +181,7 @@ def bento_dir(bentos, tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_bento_archive_holds_the_models_and_their_metrics(bento_dir, exported):
     manifest = read_manifest(exported)
     model_dir = bento_dir / "models" / register.MODEL_NAME / register.content_version(manifest)
@@ -220,6 +221,7 @@ def served_bento(bento_dir, tmp_path_factory):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_the_bento_serves_its_packed_models_from_its_own_source(served_bento, bento_dir, exported):
     resp = httpx.post(f"{served_bento.url}/score", json={"texts": ["Great film.", "Awful."]}, timeout=30)
     assert resp.status_code == 200 and len(resp.json()["results"]) == 2
@@ -230,6 +232,7 @@ def test_the_bento_serves_its_packed_models_from_its_own_source(served_bento, be
     assert info["models"]["classifier"]["providers"] == ["CPUExecutionProvider"]
 
 
+@pytest.mark.slow
 def test_the_service_imports_from_the_bento_source(bento_dir):
     code = "import glowing, service.service as s; print(s.__file__); print(glowing.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=bento_dir / "src", capture_output=True, text=True,
@@ -239,6 +242,7 @@ def test_the_service_imports_from_the_bento_source(bento_dir):
     assert [Path(p).parent.parent for p in out.stdout.split()] == [bento_dir / "src"] * 2
 
 
+@pytest.mark.slow
 def test_kubernetes_probe_paths_answer_on_the_served_bento(served_bento):
     deployment = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/base/deployment.yaml").read_text())
                       if d["kind"] == "Deployment")
@@ -249,18 +253,17 @@ def test_kubernetes_probe_paths_answer_on_the_served_bento(served_bento):
     assert httpx.get(f"{served_bento.url}/no-such-probe", timeout=10).status_code == 404  # the check can fail
 
 
-def test_unknown_model_tag_stops_the_server_naming_it(tmp_path):
-    srv = Server(tmp_path / "unused", tmp_path / "serve.log", {"GLOWING_MODEL_TAG": "glowing-models:nosuchversion"})
-    try:
-        code = srv.proc.wait(60)
-    finally:
-        srv.stop()
+def test_unknown_model_tag_stops_the_server_naming_it(tmp_path, serve):
+    srv = serve(tmp_path / "unused", ready=False, GLOWING_MODEL_TAG="glowing-models:nosuchversion")
+    code = srv.proc.wait(60)
+    srv.stop()
     assert code != 0
     out = srv.output()
     assert "GLOWING_MODEL_TAG=glowing-models:nosuchversion: not in BentoML's model store" in out
     assert "bentoml models list glowing-models" in out
 
 
+@pytest.mark.slow
 def test_one_gpu_pod_places_both_models_on_that_gpu():
     """BentoML's allocator, with one GPU visible: {"gpu": 1} per model service would send the
     second one to a GPU 1 that does not exist."""
@@ -276,6 +279,7 @@ print([alloc.assign_gpus(svc.config["resources"]["gpu"]) for svc in (s.ScorerSer
     assert out.stdout.strip().splitlines()[-1] == "[[0], [0]]"
 
 
+@pytest.mark.slow
 def test_make_container_without_docker_says_how(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()

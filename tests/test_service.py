@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from service import loading
 from service.settings import get_settings
 
