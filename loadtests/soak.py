@@ -18,7 +18,7 @@ after the load fails. With ``GLOWING_API_KEY`` set, the server requires it and L
 
 Measured (README "Reliability"): 38,809 requests in 11 min, 0 failures, RSS 773 -> 826 MiB (+6.8%);
 with ``--duration 1200``, 103,524 requests, 0 failures, +19% (memory rose with the request rate); after
-the fix in service/patches.py, 58,403 requests in 11 min, 0 failures, 683 -> 686 MiB (+0.4%).
+the fix in service/bentoml_compat.py (timeout-timers), 58,403 requests in 11 min, 0 failures, 683 -> 686 MiB (+0.4%).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from service import auth
+from service.bentoml_compat import connection_error, error_message, error_status, index_page
 
 log = logging.getLogger("bentoml.glowing")  # under "bentoml": shown by BentoML's logging config
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -39,10 +40,6 @@ OPENAPI_PATH = "/docs.json"
 UNION_MEMBER = re.compile(r"[\[\-]")  # pydantic's loc for a member of a union: "constrained-str", "list[str]"
 TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
 SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # BentoML's answers, errors enveloped
-# BentoML's OpenAPI page (GET /): our title, and without its Google Tag Manager (fetched from the internet)
-INDEX_TITLE = (re.compile(rb"<title>[^<]*</title>"), b"<title>Glowing API</title>")
-INDEX_TRACKER = re.compile(rb"<!-- Google Tag Manager( \(noscript\))? -->.*?<!-- End Google Tag Manager( \(noscript\))? -->",
-                           re.S)
 PLAYGROUND = Path(__file__).parent / "playground.html"  # GET /playground (auth.PLAYGROUND_PATH): public, holds no secret
 
 
@@ -101,25 +98,13 @@ def from_exception(err: BaseException) -> ApiError:
     if connection_error(err):
         log.error("a model service is unreachable", exc_info=err)
         return ApiError(503, "a model service is unavailable; retry later")
-    status = int(getattr(getattr(err, "error_code", None), "value", 0) or 0)  # BentoML between services
+    status = error_status(err)  # BentoML between services
     if status in (429, 503):
         return ApiError(503, "the models are overloaded; retry later")
     if status == 504:
         return ApiError(504, "the models did not answer in time; retry later")
     log.error("internal error", exc_info=err)
     return ApiError(500, "internal error; the server log has the details")
-
-
-def connection_error(err: BaseException) -> bool:
-    """A connection to a model service broke (aiohttp is BentoML's client between services; it raises a
-    bare RuntimeError when the connection closes while an answer is being read)."""
-    if isinstance(err, RuntimeError) and str(err) == "Connection closed.":
-        return True
-    try:
-        import aiohttp
-    except ImportError:
-        return False
-    return isinstance(err, aiohttp.ClientConnectionError)
 
 
 class Guard:
@@ -152,7 +137,7 @@ class Guard:
 
             send = self._rewritten(send, lambda body: json.dumps(document(json.loads(body), self)).encode())
         if scope["path"] == "/" and scope["method"] == "GET":
-            send = self._rewritten(send, _index, media=b"text/html; charset=utf-8")
+            send = self._rewritten(send, index_page, media=b"text/html; charset=utf-8")
         if model is None:  # docs, static files; unknown paths come back 404 in the envelope
             return await self.app(scope, receive, send)
         try:
@@ -252,10 +237,6 @@ class Guard:
         return wrapped
 
 
-def _index(body: bytes) -> bytes:
-    return INDEX_TRACKER.sub(b"", INDEX_TITLE[0].sub(INDEX_TITLE[1], body, count=1))
-
-
 def _as_envelope(status: int, body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
@@ -263,9 +244,7 @@ def _as_envelope(status: int, body: bytes) -> dict[str, Any]:
         data = body.decode("utf-8", errors="replace").strip()
     if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
         return data  # ours already
-    if isinstance(data, list) and len(data) == 1:  # BentoML wraps 4xx messages in a list
-        data = data[0]
-    message = data.get("error") if isinstance(data, dict) else data
+    message = error_message(data)
     if not isinstance(message, str) or not message or "Traceback" in message or len(message) > 300:
         message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
     return ApiError(status, message).body()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from service import auth
+from service.bentoml_compat import ERROR_SCHEMAS
 from service.errors import TYPES
 
 if TYPE_CHECKING:
@@ -75,10 +76,10 @@ def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
     spec["info"] = {**spec.get("info", {}), **info()}
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ENVELOPE_SCHEMA
-    for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes
+    for name in ERROR_SCHEMAS:  # BentoML's error shapes (bentoml_compat: error-schemas)
         schemas[name] = {**ENVELOPE_SCHEMA, "title": name}
     for name, schema in list(schemas.items()):  # response models too: a null default is nullable
-        if name not in ("Error", "InvalidArgument", "NotFound", "InternalServerError"):
+        if name != "Error" and name not in ERROR_SCHEMAS:
             _openapi30(schema)
     for path, model in guard.models.items():
         item = spec.get("paths", {}).get(path)

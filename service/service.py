@@ -20,31 +20,25 @@ from typing import AsyncGenerator, AsyncIterator
 import bentoml
 
 from glowing import artifacts as A
-from service import auth, batching, loading, metrics, patches, schemas, store, streaming
+from service import auth, batching, bentoml_compat, loading, metrics, schemas, store, streaming
 from service import openai_protocol as oai
+from service.bentoml_compat import RUNNER_CONNECTION, gpu_resources, retrying
 from service.disconnect import CancelOnDisconnect
 from service.errors import ApiError, Guard, from_exception
 from service.reviews import PRIOR_RATE, Accepted, Pipeline, collect_reviews
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("bentoml.glowing")
-patches.apply()
+bentoml_compat.apply()
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
 COMPLETION = oai.completion_request(SETTINGS)
-# Half a GPU each: BentoML then places the scorer and the generator on the same device. With
-# {"gpu": 1} each, the second one is assigned GPU 1, which a one-GPU pod does not have.
-GPU = {"gpu": 0.5} if SETTINGS.device == "cuda" else None
-# BentoML's client to a model service replaces its HTTP session every 100 requests and every 300 s and
-# closes the old one under the requests still in flight: under load about 10% of them failed and had to
-# be retried, and some never got their answer (a 504 after the whole timeout; 11 of 30,848 in a soak).
-# The model services are local workers: one long-lived session is what is wanted.
-CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
+GPU = gpu_resources(SETTINGS.device)  # half a GPU each: both model services on the one device (bentoml_compat)
 PROGRESS = 8  # /reviews candidates report their token count this often (for the tokens of cancelled ones)
 
 
 @bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
-                 traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
+                 traffic={"timeout": SETTINGS.timeout}, runner_connection=RUNNER_CONNECTION)
 class ScorerService:
     packed_models = store.declared(SETTINGS)  # GLOWING_MODEL_TAG: `bentoml build` packs it
 
@@ -74,7 +68,7 @@ class ScorerService:
 
 
 @bentoml.service(name="glowing-generator", workers=SETTINGS.generator_workers, resources=GPU,
-                 traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
+                 traffic={"timeout": SETTINGS.timeout}, runner_connection=RUNNER_CONNECTION)
 class GeneratorService:
     packed_models = store.declared(SETTINGS)
 
@@ -210,7 +204,7 @@ class Glowing:
 
     async def _scores(self, texts: list[str]) -> list[float]:
         call = self.scorer.to_async.score if self._engine else self.scorer.to_async.score_batch
-        scores = await _retrying(call, texts)
+        scores = await retrying(call, texts)
         if len(scores) != len(texts):
             raise RuntimeError(f"the scorer answered {len(scores)} scores for {len(texts)} texts")
         return scores
@@ -226,7 +220,7 @@ class Glowing:
                     for index, delta, *_ in step:
                         texts[index] += delta
             return [request["prompt"] + t for t in texts]
-        [continuations] = await _retrying(self.generator.to_async.generate, [item])
+        [continuations] = await retrying(self.generator.to_async.generate, [item])
         return [request["prompt"] + c for c in continuations]
 
     def _row_events(self, item: schemas.GenerationItem, deltas: bool = False, progress: int = 0) -> AsyncIterator[list]:
@@ -372,7 +366,7 @@ class Glowing:
         async def rows(first: int, count: int) -> AsyncIterator[tuple[int, str | None, int]]:
             item = _item(request, count, base, first_row=first)
             if not self._engine:
-                [continuations] = await _retrying(self.generator.to_async.generate, [item])
+                [continuations] = await retrying(self.generator.to_async.generate, [item])
                 for i, text in enumerate(continuations):
                     text, reason = _cut(text, stop, None)
                     yield first + i, prompt + text, 0, reason  # the adaptive path does not count tokens
@@ -541,24 +535,6 @@ def limits(s: Settings) -> dict:
     return {name: getattr(s, name) for name in ("max_texts", "max_text_chars", "max_prompt_chars", "max_n",
                                                   "max_new_tokens", "max_candidates", "reviews", "reviews_round_size",
                                                   "max_concurrency", "timeout")} | {"max_body_bytes": s.body_limit()}
-
-
-async def _retrying(call, batch: list, attempts: int = 3):
-    """``call(batch)`` again when the connection to the model service broke before an answer.
-
-    BentoML 1.4.39's client can close its HTTP session under requests still in flight (see
-    CONNECTION), which then fail with ServerDisconnectedError, or RuntimeError("Connection closed.")
-    while reading the answer. Both model calls are safe to repeat: scoring is a pure function, and
-    generation is seeded per row."""
-    from service.errors import connection_error
-
-    for attempt in range(attempts):
-        try:
-            return await call(batch)
-        except Exception as err:
-            if not connection_error(err) or attempt == attempts - 1:
-                raise
-            log.warning("connection to a model service lost (attempt %d of %d); retrying", attempt + 1, attempts)
 
 
 def _item(request: dict, n: int, seed: int, first_row: int = 0) -> schemas.GenerationItem:

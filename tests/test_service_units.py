@@ -286,7 +286,7 @@ def test_seeded_reviews_replay_and_round_sizes_follow_the_acceptance_rate():
 def test_a_lost_model_connection_is_retried_then_answered_503():
     import aiohttp
 
-    from service.service import _retrying
+    from service.bentoml_compat import retrying
 
     calls = []
 
@@ -299,9 +299,9 @@ def test_a_lost_model_connection_is_retried_then_answered_503():
     async def down(batch):
         raise aiohttp.ClientOSError("Can not write request body")
 
-    assert asyncio.run(_retrying(flaky, ["a", "b"])) == [0.5, 0.5] and len(calls) == 2
+    assert asyncio.run(retrying(flaky, ["a", "b"])) == [0.5, 0.5] and len(calls) == 2
     with pytest.raises(aiohttp.ClientConnectionError) as info:
-        asyncio.run(_retrying(down, ["a"]))
+        asyncio.run(retrying(down, ["a"]))
     err = errors.from_exception(info.value)
     assert (err.status, err.type) == (503, "overloaded")
 
