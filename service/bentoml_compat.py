@@ -33,6 +33,13 @@ and says which workaround to delete. After an upgrade, run ``pytest tests/test_b
   one-GPU pod the second model service is sent to a GPU 1 that does not exist. ``gpu_resources`` asks for
   half a GPU each, which the allocator places on the same device.
 
+One adapter, not a fix: ``api`` declares an endpoint that takes its validated request model, ``async def
+score(self, request: ScoreRequest)``. BentoML hands a request model to an endpoint as keyword arguments
+(one per field; a root input, which would arrive whole, changes BentoML's Python client to take one
+positional argument), and parses and validates the body itself: ``api`` gives the endpoint the model that
+service/admission.py validated (``VALIDATED`` in the ASGI scope) and puts keyword calls (BentoML's, or
+in-process ones: ``svc.score(texts=[...])``) back into the model without validating them again.
+
 The two patches (``timeout-timers``, ``abandoned-streams``) replace BentoML code with copies of
 ``TESTED``'s: on another release they are left off (a copy could undo its fixes) and a warning says so.
 The other workarounds are values and readers that are harmless on any release.
@@ -41,6 +48,7 @@ The other workarounds are values and readers that are harmless on any release.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from typing import Any
@@ -216,3 +224,44 @@ def index_page(body: bytes) -> bytes:
 def gpu_resources(device: str) -> dict | None:
     """``resources`` of each model service: half a GPU each on CUDA, so that both share the one device."""
     return {"gpu": 0.5} if device == "cuda" else None
+
+
+# ---- the typed request ------------------------------------------------------------------------------
+
+VALIDATED = "glowing.request"  # the ASGI scope key of the request model instance admission validated
+
+
+class _Validated:
+    """An input spec's body parser: the instance admission validated, else BentoML's own parsing."""
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        validated = request.scope.get(VALIDATED)
+        if validated is not None:
+            return validated
+        return await super().from_http_request(request, serde)
+
+
+def validated_input(model):
+    """``@bentoml.api(input_spec=...)`` for ``model``: the schema BentoML derives from it is unchanged (the
+    class is named as BentoML names its own: ``<model>IODescriptor``), the body is not validated again."""
+    from _bentoml_sdk.io_models import IOMixin
+    from pydantic import create_model
+
+    return create_model(f"{model.__name__}IODescriptor", __base__=(_Validated, IOMixin, model),
+                        __module__=model.__module__)
+
+
+def api(route: str, model, **options):
+    """``@bentoml.api`` for an endpoint ``async def name(self, request: model)``: BentoML's keyword call
+    (one argument per field) becomes the one request model again, built without a second validation."""
+    import bentoml
+
+    def decorate(endpoint):
+        @functools.wraps(endpoint)
+        async def keywords(self, *request, **fields):
+            return await endpoint(self, request[0] if request else model.model_construct(**fields))
+
+        return bentoml.api(route=route, input_spec=validated_input(model), **options)(keywords)
+
+    return decorate

@@ -266,3 +266,31 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---- the typed request ------------------------------------------------------------------------------
+
+def test_an_endpoint_takes_the_request_model_that_admission_validated():
+    from pydantic import BaseModel
+
+    class EchoRequest(BaseModel):
+        texts: list[str]
+        n: int = 1
+
+    spec = compat.validated_input(EchoRequest)
+    assert spec.__name__ == "EchoRequestIODescriptor"  # as BentoML names it: the same schema as before
+    assert spec.model_json_schema()["properties"] == EchoRequest.model_json_schema()["properties"]
+    validated = EchoRequest(texts=["a"])
+    http_request = SimpleNamespace(scope={compat.VALIDATED: validated})
+    assert asyncio.run(spec.from_http_request(http_request, None)) is validated  # not parsed again
+
+    class Echo:
+        @compat.api("/echo", EchoRequest)
+        async def echo(self, request: EchoRequest) -> dict:
+            """Echo."""
+            return {"model": type(request).__name__, "texts": request.texts, "n": request.n}
+
+    method = Echo.__dict__["echo"]
+    assert method.route == "/echo" and method.input_spec is not EchoRequest and method.doc == "Echo."
+    assert asyncio.run(Echo().echo(texts=["b"])) == {"model": "EchoRequest", "texts": ["b"], "n": 1}  # keywords
+    assert asyncio.run(Echo().echo(validated)) == {"model": "EchoRequest", "texts": ["a"], "n": 1}  # the model
