@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.server import ROOT
 from loadtests.server import Server as ServedGlowing
 
 POSITIVE = "great wonderful superb moving brilliant delightful loved best touching excellent".split()
@@ -89,8 +90,8 @@ class Server(ServedGlowing):
     send the API key when the server has one (GLOWING_API_KEY in ``env``). conftest.py's ``server`` and
     ``serve`` fixtures start and stop it."""
 
-    def __init__(self, artifacts: Path, log: Path, target: str = SERVICE, **env: str):
-        super().__init__(artifacts, log, env, target=target)
+    def __init__(self, artifacts: Path | None, log: Path, target: str = SERVICE, cwd: Path = ROOT, **env: str):
+        super().__init__(artifacts, log, env, target=target, cwd=cwd)
 
     def wait_ready(self) -> float:
         try:

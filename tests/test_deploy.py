@@ -19,7 +19,7 @@ import yaml
 
 from export import register
 from glowing.artifacts import read_manifest
-from loadtests.server import Server, free_port
+from support import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [sys.executable, "-m", "bentoml"]
@@ -192,28 +192,14 @@ def test_bento_archive_holds_the_models_and_their_metrics(bento_dir, exported):
     assert (bento_dir / "src" / "service" / "service.py").is_file() and (bento_dir / "src" / "glowing").is_dir()
 
 
-class BentoServer(Server):
-    """`bentoml serve BENTO_DIR`, what the container's entrypoint runs, with an empty BentoML home: the
-    models can only come from the Bento itself. The environment is the Dockerfile's."""
-
-    def __init__(self, bento_dir: Path, home: Path, log: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env}
-        full.pop("GLOWING_ARTIFACTS", None)
-        full["PYTHONPATH"] = ""  # the Bento's src/, not this checkout
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(BENTOML + ["serve", str(bento_dir), "--host", "127.0.0.1", "--port",
-                                                    str(self.port)], cwd=home, env=full, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-
 @pytest.fixture(scope="module")
 def served_bento(bento_dir, tmp_path_factory):
+    """`bentoml serve BENTO_DIR`, what the container's entrypoint runs, with an empty BentoML home: the
+    models can only come from the Bento itself. The environment is the Dockerfile's."""
     home = tmp_path_factory.mktemp("empty-bentoml-home")
     env = {e["name"]: e["value"] for e in yaml.safe_load((bento_dir / "bento.yaml").read_text())["envs"]}
-    srv = BentoServer(bento_dir, home, home / "serve.log", env)
+    srv = Server(None, home / "serve.log", target=str(bento_dir), cwd=home, BENTOML_HOME=str(home),
+                 PYTHONPATH="", **env)  # PYTHONPATH: the Bento's src/, not this checkout
     try:
         srv.wait_ready()
         yield srv
