@@ -2,8 +2,9 @@
 export, and real ``bentoml serve`` processes of it (the helpers behind them: tests/support.py).
 
 Everything is offline; nothing here reads ../shared or the hub. The data and the models are built once
-per session, in seconds; a test that starts a server or another subprocess is marked ``slow``
-(``make test-fast`` leaves those out: ``pytest -m "not slow"``).
+per session, in seconds. A test that starts a server or another subprocess, or trains or benchmarks end
+to end, is marked ``slow``: ``make test-fast`` (``pytest -m "not slow"``, under a minute on 2 cores) leaves
+those out, ``make test`` runs everything.
 """
 
 from __future__ import annotations
