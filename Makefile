@@ -10,7 +10,7 @@ TRAIN_ARGS ?=
 # Which trained generator `make export` turns into the served one: finetuned (generator/) or rl (rl/, `make rl`).
 GENERATOR ?= finetuned
 
-.PHONY: help install test playground-screenshot models rl clean-models export bench bench-scoring
+.PHONY: help install test test-fast playground-screenshot models rl clean-models export bench bench-scoring
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -24,8 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[cpu,rl,dev,bench]"
 	touch $@
 
-test: install  ## run the test suite (offline, tiny models)
+test: install  ## run the whole test suite, what CI runs (offline, tiny models; about 5 min on 2 cores)
 	$(PYTHON) -m pytest -q
+
+test-fast: install  ## the inner loop: the suite without the tests marked slow (real servers, subprocesses; under a minute)
+	$(PYTHON) -m pytest -q -m "not slow"
 
 playground-screenshot: install  ## docs/playground.png for the README: the playground's headless-Chromium test on the tiny models
 	GLOWING_SCREENSHOT=docs/playground.png $(PYTHON) -m pytest -q tests/test_playground.py -k chromium

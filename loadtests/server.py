@@ -37,18 +37,22 @@ def http_get(url: str, timeout: float = 10, headers: dict[str, str] | None = Non
 class Server:
     """``bentoml serve`` in its own process group on a free loopback port."""
 
-    def __init__(self, artifacts: Path, log: Path, env: dict[str, str] | None = None,
-                 target: str = "service.service:Glowing", root: Path = ROOT):
+    def __init__(self, artifacts: Path | None, log: Path, env: dict[str, str] | None = None,
+                 target: str = "service.service:Glowing", cwd: Path = ROOT):
+        """``target``: the service (``module:Class``, imported from ``cwd``) or a built Bento's directory;
+        ``artifacts`` None: no GLOWING_ARTIFACTS (a Bento serves the models packed into it)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {**os.environ, "GLOWING_ARTIFACTS": str(artifacts), "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
+        if artifacts is None:
+            full_env.pop("GLOWING_ARTIFACTS")
         key = full_env.get("GLOWING_API_KEY", "")  # the server will require it (not on /readyz)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
-                 "--port", str(self.port)], cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                 "--port", str(self.port)], cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
     def output(self) -> str:

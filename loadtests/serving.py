@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             servers[mode] = Server(artifacts.resolve(), args.out / f"{mode}_serve.log",
                                    {**MODES["engine" if before else mode], "GLOWING_MAX_CONCURRENCY": "256",
                                     "GLOWING_MAX_N": "16", "GLOWING_MAX_CANDIDATES": "128"},
-                                   root=args.before.resolve() if before else ROOT)
+                                   cwd=args.before.resolve() if before else ROOT)
         for mode, server in servers.items():
             print(f"[{mode}] ready after {server.wait_ready():.1f} s on {server.url}", flush=True)
         results = asyncio.run(measure(servers, args, texts))

@@ -16,8 +16,8 @@ request) is reported too. It prints the growth, the request and failure counts, 
 reaches ``--max-growth`` percent, a request failed with anything but a shed 503, or an ordinary request
 after the load fails. With ``GLOWING_API_KEY`` set, the server requires it and Locust sends it.
 
-Every run so far, with its figures and machine, and the leak it found (fixed in service/patches.py):
-docs/LOADTESTS.md, "Soak".
+Every run so far, with its figures and machine, and the leak it found (fixed in
+service/bentoml_compat.py, workaround "timeout-timers"): docs/LOADTESTS.md, "Soak".
 """
 
 from __future__ import annotations

@@ -1,20 +1,16 @@
-"""One error envelope for every failure, and the ASGI guard that applies it at the door.
+"""One error envelope for every failure, and the ASGI middleware that applies it to every response.
 
     {"error": {"message": "n: Input should be less than or equal to 16", "type": "invalid_request_error",
                "param": "n", "code": null}}
 
 OpenAI's own envelope: its client raises ``openai.BadRequestError``, ``AuthenticationError``, ... from it.
 
-``Guard`` sits in front of every path. It answers 401 without the API key when one is configured
-(service/auth.py: every path but the liveness and readiness probes), sheds load beyond
-``max_concurrency`` requests in flight with 503 (BentoML's own limiter answers 429), rejects bodies
-that are too large, not JSON or invalid against the request model with 4xx *before* BentoML sees
-them (BentoML would answer its own shape and log a traceback per bad request), forwards them as
-JSON, serves ``GET /info`` through the ``POST /info`` endpoint, and rewrites any other error response
-(the probes' included) into the envelope, so that no traceback, path or framework message in another
-shape reaches a client. ``GET /playground`` is the page to try the API in a browser (public: the key is
-typed into the page and kept in its memory). ``GET /`` (BentoML's OpenAPI page) gets Glowing's title and loses
-BentoML's Google Tag Manager. service/openapi.py makes ``/docs.json`` say all this.
+``ApiError`` is a failure with its status and envelope; ``from_validation`` and ``from_exception`` make one
+from a pydantic error or any exception (the details go to the server log, not to the client). ``Envelope``
+is the outermost of the API's middlewares (service/service.py): it rewrites any error response not
+already in the envelope (BentoML's, the probes', a 404) into it and counts it, so that no traceback, path
+or framework message in another shape reaches a client. What is refused at the door (401, 405, 413, 503,
+400 for a body invalid against its request model): service/admission.py.
 """
 
 from __future__ import annotations
@@ -24,26 +20,19 @@ import json
 import logging
 import re
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from service import auth
+from service.bentoml_compat import connection_error, error_message, error_status
 
 log = logging.getLogger("bentoml.glowing")  # under "bentoml": shown by BentoML's logging config
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
          415: "unsupported_media_type", 429: "overloaded", 500: "internal_error", 503: "overloaded",
          504: "timeout"}
-OPENAPI_PATH = "/docs.json"
 UNION_MEMBER = re.compile(r"[\[\-]")  # pydantic's loc for a member of a union: "constrained-str", "list[str]"
 TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
-SYSTEM_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})  # BentoML's answers, errors enveloped
-# BentoML's OpenAPI page (GET /): our title, and without its Google Tag Manager (fetched from the internet)
-INDEX_TITLE = (re.compile(rb"<title>[^<]*</title>"), b"<title>Glowing API</title>")
-INDEX_TRACKER = re.compile(rb"<!-- Google Tag Manager( \(noscript\))? -->.*?<!-- End Google Tag Manager( \(noscript\))? -->",
-                           re.S)
-PLAYGROUND = Path(__file__).parent / "playground.html"  # GET /playground (auth.PLAYGROUND_PATH): public, holds no secret
 
 
 class ApiError(Exception):
@@ -101,7 +90,7 @@ def from_exception(err: BaseException) -> ApiError:
     if connection_error(err):
         log.error("a model service is unreachable", exc_info=err)
         return ApiError(503, "a model service is unavailable; retry later")
-    status = int(getattr(getattr(err, "error_code", None), "value", 0) or 0)  # BentoML between services
+    status = error_status(err)  # BentoML between services
     if status in (429, 503):
         return ApiError(503, "the models are overloaded; retry later")
     if status == 504:
@@ -110,150 +99,48 @@ def from_exception(err: BaseException) -> ApiError:
     return ApiError(500, "internal error; the server log has the details")
 
 
-def connection_error(err: BaseException) -> bool:
-    """A connection to a model service broke (aiohttp is BentoML's client between services; it raises a
-    bare RuntimeError when the connection closes while an answer is being read)."""
-    if isinstance(err, RuntimeError) and str(err) == "Connection closed.":
-        return True
-    try:
-        import aiohttp
-    except ImportError:
-        return False
-    return isinstance(err, aiohttp.ClientConnectionError)
+class Envelope:
+    """ASGI middleware: every error response in the envelope, counted by endpoint (``paths``: the API's
+    paths; any other is counted as "other") and type."""
 
-
-class Guard:
-    """ASGI middleware; ``models`` maps each API path to its request model."""
-
-    def __init__(self, app, models: dict[str, type[BaseModel]], max_concurrency: int, max_body_bytes: int,
-                 get_paths: frozenset[str] = frozenset({"/info"}), api_key: bytes = b""):
-        self.app = app
-        self.api_key = api_key
-        self.models = models
-        self.max_concurrency = max_concurrency
-        self.max_body_bytes = max_body_bytes
-        self.get_paths = get_paths
-        self.in_flight = 0
+    def __init__(self, app, paths: frozenset[str]):
+        self.app, self.paths = app, paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        model = self.models.get(scope["path"])
-        send = self._enveloped(scope["path"] if model else "other", send)
-        if not auth.authorized(scope, self.api_key):
-            return await ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
-                                  ).response()(scope, receive, send)
-        if scope["path"] == auth.PLAYGROUND_PATH:
-            return await self._playground(scope, receive, send)
-        if scope["path"] in SYSTEM_PATHS:  # only their errors change (405 on POST /livez, 503 from /readyz)
-            return await self.app(scope, receive, send)
-        if scope["path"] == OPENAPI_PATH:
-            from service.openapi import document
+        endpoint = scope["path"] if scope["path"] in self.paths else "other"
 
-            send = self._rewritten(send, lambda body: json.dumps(document(json.loads(body), self)).encode())
-        if scope["path"] == "/" and scope["method"] == "GET":
-            send = self._rewritten(send, _index, media=b"text/html; charset=utf-8")
-        if model is None:  # docs, static files; unknown paths come back 404 in the envelope
-            return await self.app(scope, receive, send)
-        try:
-            body = await self._admit(scope, receive, model)
-        except ApiError as err:
-            return await err.response()(scope, receive, send)
-        # Validated JSON goes on as JSON whatever it was labelled (`curl -d` says form-urlencoded).
-        scope = {**scope, "method": "POST",
-                 "headers": [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
-                 + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        self.in_flight += 1
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            self.in_flight -= 1
-
-    @staticmethod
-    async def _playground(scope, receive, send):
-        """The page to try the API in a browser (service/playground.html: no build, nothing fetched)."""
-        from starlette.responses import Response
-
-        if scope["method"] not in ("GET", "HEAD"):
-            return await ApiError(405, f"{scope['method']} {scope['path']}: use GET").response()(scope, receive, send)
-        response = Response(PLAYGROUND.read_bytes(), media_type="text/html; charset=utf-8",
-                            headers={"Cache-Control": "no-cache"})
-        return await response(scope, receive, send)
-
-    async def _admit(self, scope, receive, model: type[BaseModel]) -> bytes:
-        method, path = scope["method"], scope["path"]
-        if method == "GET" and path in self.get_paths:
-            return b"{}"
-        if method != "POST":
-            raise ApiError(405, f"{method} {path}: use POST" + (" or GET" if path in self.get_paths else ""))
-        if self.in_flight >= self.max_concurrency:
-            raise ApiError(503, f"the server is at its limit of {self.max_concurrency} concurrent requests; "
-                                "retry later")
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "the client disconnected")
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                raise ApiError(413, f"the body is larger than {self.max_body_bytes} bytes")
-            more = message.get("more_body", False)
-        body = b"".join(chunks) or b"{}"
-        try:
-            model.model_validate_json(body)
-        except ValidationError as err:
-            raise from_validation(err) from None
-        return body
-
-    def _enveloped(self, endpoint: str, send):
-        """``send`` that turns any error response not already in the envelope into one."""
         def envelope(body: bytes, status: int) -> bytes:
             err = _as_envelope(status, body)
             _count(endpoint, err["error"]["type"])
             return json.dumps(err).encode()
 
-        return self._rewritten(send, envelope, errors=True)
-
-    @staticmethod
-    def _rewritten(send, transform, errors: bool = False, media: bytes = b"application/json"):
-        """``send`` that buffers a whole JSON response (errors only, or successes only) and sends
-        ``transform(body[, status])`` instead."""
-        state: dict[str, Any] = {}
-
-        async def wrapped(message):
-            if message["type"] == "http.response.start" and (message["status"] >= 400) == errors:
-                state["start"], state["body"] = message, b""
-                return
-            if "start" not in state or message["type"] != "http.response.body":
-                return await send(message)
-            state["body"] += message.get("body", b"")
-            if message.get("more_body", False):
-                return
-            status = state["start"]["status"]
-            body = transform(state["body"], status) if errors else transform(state["body"])
-            headers = [(k, v) for k, v in state["start"]["headers"] if k not in (b"content-length", b"content-type")]
-            headers += [(b"content-type", media), (b"content-length", str(len(body)).encode())]
-            await send({**state["start"], "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        return wrapped
+        return await self.app(scope, receive, rewritten(send, envelope, errors=True))
 
 
-def _index(body: bytes) -> bytes:
-    return INDEX_TRACKER.sub(b"", INDEX_TITLE[0].sub(INDEX_TITLE[1], body, count=1))
+def rewritten(send, transform, errors: bool = False, media: bytes = b"application/json"):
+    """``send`` that buffers a whole response (errors only, or successes only) and sends
+    ``transform(body[, status])`` instead, as ``media``."""
+    state: dict[str, Any] = {}
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start" and (message["status"] >= 400) == errors:
+            state["start"], state["body"] = message, b""
+            return
+        if "start" not in state or message["type"] != "http.response.body":
+            return await send(message)
+        state["body"] += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        status = state["start"]["status"]
+        body = transform(state["body"], status) if errors else transform(state["body"])
+        headers = [(k, v) for k, v in state["start"]["headers"] if k not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", media), (b"content-length", str(len(body)).encode())]
+        await send({**state["start"], "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return wrapped
 
 
 def _as_envelope(status: int, body: bytes) -> dict[str, Any]:
@@ -263,9 +150,7 @@ def _as_envelope(status: int, body: bytes) -> dict[str, Any]:
         data = body.decode("utf-8", errors="replace").strip()
     if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
         return data  # ours already
-    if isinstance(data, list) and len(data) == 1:  # BentoML wraps 4xx messages in a list
-        data = data[0]
-    message = data.get("error") if isinstance(data, dict) else data
+    message = error_message(data)
     if not isinstance(message, str) or not message or "Traceback" in message or len(message) > 300:
         message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
     return ApiError(status, message).body()

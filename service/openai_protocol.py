@@ -26,7 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from service.batching import derive_seed
-from service.schemas import SEED_MAX
+from service.schemas import SEED_MAX, RequestModels
 from service.settings import Settings
 
 MODEL_ID = "glowing-generator"
@@ -98,6 +98,21 @@ def completion_request(settings: Settings) -> type[BaseModel]:
         _presence = _unsupported("presence_penalty")
         _frequency = _unsupported("frequency_penalty")
         _stream_options = _unsupported("stream_options")
+
+        def prompts(self) -> list[str]:
+            return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+        def stops(self) -> list[str]:
+            return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+        def internal(self, prompt: str, settings: Settings, models: RequestModels) -> BaseModel:
+            """Our /generate (or, with min_positive, /reviews) request for one prompt: the same sampling."""
+            fields = {"prompt": prompt, "n": self.n, "max_new_tokens": self.max_tokens,
+                      "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": None}
+            if self.min_positive is None:
+                return models.generate.model_construct(**fields)
+            budget = self.max_candidates or max(self.n, min(32, settings.max_candidates))
+            return models.reviews.model_construct(**fields, min_positive=self.min_positive, max_candidates=budget)
 
         @field_validator("best_of")
         @classmethod
@@ -175,24 +190,6 @@ class ModelList(BaseModel):
 
 
 # ---- translation -------------------------------------------------------------------------------
-
-def prompts(req: dict) -> list[str]:
-    return [req["prompt"]] if isinstance(req["prompt"], str) else list(req["prompt"])
-
-
-def stops(req: dict) -> list[str]:
-    return [req["stop"]] if isinstance(req["stop"], str) else list(req["stop"] or [])
-
-
-def internal(req: dict, prompt: str, settings: Settings) -> dict:
-    """Our /generate (or, with min_positive, /reviews) request for one prompt: the same sampling."""
-    out = {"prompt": prompt, "n": req["n"], "max_new_tokens": req["max_tokens"], "temperature": req["temperature"],
-           "top_p": req["top_p"], "top_k": req["top_k"], "seed": None}
-    if req["min_positive"] is not None:
-        out |= {"min_positive": req["min_positive"],
-                "max_candidates": req["max_candidates"] or max(req["n"], min(32, settings.max_candidates))}
-    return out
-
 
 def prompt_seed(seed: int, k: int) -> int:
     """Prompt 0 uses the seed itself (so its choices are /generate's rows for that seed); others derive one."""

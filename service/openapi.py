@@ -1,9 +1,12 @@
-"""BentoML's OpenAPI document (``/docs.json``), made true of this server.
+"""The documents a client or a browser reads: BentoML's OpenAPI document (``/docs.json``) made true of this
+server, its OpenAPI page (``GET /``) with Glowing's title, and the playground (``GET /playground``, the page
+to try the API in a browser: public, the key is typed into the page and kept in its memory). ``Docs`` is
+the API's ASGI middleware after admission (service/service.py).
 
 BentoML writes an OpenAPI 3.0 document from the pydantic models but leaves traces of JSON Schema
 2020 in it and drops what it cannot express; a client generator or a fuzzer (schemathesis, in the
 test suite) then believes things the server does not do. Fixed here: errors in the envelope, the
-statuses the guard adds (401 with a key, 405, 413, 503, 504), the GET variant of ``/info``, bearer
+statuses admission adds (401 with a key, 405, 413, 503, 504), the GET variant of ``/info``, bearer
 authentication when a key is configured, numeric ``exclusiveMinimum`` (3.0 wants ``minimum`` plus a
 boolean), fields whose default is null marked ``nullable``, and a required body where the request
 model has required fields.
@@ -11,13 +14,18 @@ model has required fields.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from service import auth
-from service.errors import TYPES
+from service.bentoml_compat import ERROR_SCHEMAS, index_page
+from service.errors import TYPES, ApiError, rewritten
 
-if TYPE_CHECKING:
-    from service.errors import Guard
+OPENAPI_PATH = "/docs.json"
+PLAYGROUND = Path(__file__).parent / "playground.html"  # GET /playground (auth.PLAYGROUND_PATH): public, holds no secret
 
 ENVELOPE_SCHEMA = {
     "type": "object", "required": ["error"], "description": "Every error, whatever its status",
@@ -71,16 +79,49 @@ def info() -> dict[str, str]:
             '`{"error": {"message", "type", "param", "code"}}`.'}
 
 
-def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
+class Docs:
+    """ASGI middleware: ``/docs.json`` rewritten by ``document``, ``GET /`` with Glowing's title and no tracker,
+    ``/playground`` served; ``models`` maps each API path to its request model."""
+
+    def __init__(self, app, models: dict[str, type[BaseModel]], get_paths: frozenset[str] = frozenset({"/info"}),
+                 api_key: bytes = b""):
+        self.app, self.models, self.get_paths, self.api_key = app, models, get_paths, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == auth.PLAYGROUND_PATH:
+            return await _playground(scope, receive, send)
+        if scope["path"] == OPENAPI_PATH:
+            send = rewritten(send, lambda body: json.dumps(
+                document(json.loads(body), self.models, self.get_paths, self.api_key)).encode())
+        if scope["path"] == "/" and scope["method"] == "GET":
+            send = rewritten(send, index_page, media=b"text/html; charset=utf-8")
+        return await self.app(scope, receive, send)
+
+
+async def _playground(scope, receive, send):
+    """The page to try the API in a browser (service/playground.html: no build, nothing fetched)."""
+    from starlette.responses import Response
+
+    if scope["method"] not in ("GET", "HEAD"):
+        return await ApiError(405, f"{scope['method']} {scope['path']}: use GET").response()(scope, receive, send)
+    response = Response(PLAYGROUND.read_bytes(), media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-cache"})
+    return await response(scope, receive, send)
+
+
+def document(spec: dict[str, Any], models: dict[str, type[BaseModel]], get_paths: frozenset[str],
+             api_key: bytes = b"") -> dict[str, Any]:
     spec["info"] = {**spec.get("info", {}), **info()}
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ENVELOPE_SCHEMA
-    for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's error shapes
+    for name in ERROR_SCHEMAS:  # BentoML's error shapes (bentoml_compat: error-schemas)
         schemas[name] = {**ENVELOPE_SCHEMA, "title": name}
     for name, schema in list(schemas.items()):  # response models too: a null default is nullable
-        if name not in ("Error", "InvalidArgument", "NotFound", "InternalServerError"):
+        if name != "Error" and name not in ERROR_SCHEMAS:
             _openapi30(schema)
-    for path, model in guard.models.items():
+    for path, model in models.items():
         item = spec.get("paths", {}).get(path)
         if not item or "post" not in item:
             continue
@@ -94,10 +135,10 @@ def document(spec: dict[str, Any], guard: Guard) -> dict[str, Any]:
         if path in STREAMING_PATHS and "200" in post["responses"]:
             post["responses"]["200"].setdefault("content", {})["text/event-stream"] = STREAMS[path]
         post["responses"].update(NOT_FOUND.get(path, {}))
-        if path in guard.get_paths:
+        if path in get_paths:
             item["get"] = {k: v for k, v in post.items() if k != "requestBody"}
             item["get"]["operationId"] = f"{post.get('operationId', path.strip('/'))}__get"
-    if guard.api_key:
+    if api_key:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, item in spec.get("paths", {}).items():
             for operation in item.values():

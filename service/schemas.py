@@ -146,6 +146,13 @@ def request_models(settings: Settings) -> RequestModels:
         seed: int | None = Field(None, ge=0, le=SEED_MAX, description="same seed and settings, same reviews; "
                                  "unset = the server draws one and returns it")
 
+        def generation_item(self, n: int, seed: int, first_row: int = 0) -> GenerationItem:
+            """The generator's work item: ``n`` rows of this request's prompt and sampling, row ``i`` sampled
+            with ``derive_seed(seed, first_row + i)``."""
+            return GenerationItem(prompt=self.prompt, n=n, max_new_tokens=self.max_new_tokens,
+                                  temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
+                                  first_row=first_row)
+
     class ScoreRequest(BaseModel):
         model_config = ConfigDict(**forbid, json_schema_extra={"example":
             {"texts": ["A wonderful, moving film.", "Dull and far too long."]}})

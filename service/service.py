@@ -3,8 +3,9 @@
     make serve                                   # builds missing artifacts, then serves on :3000
     GLOWING_ARTIFACTS=artifacts bentoml serve    # from the repository root (bentofile.yaml)
 
-``Scorer`` and ``Generator`` each hold one model behind a batchable method: concurrent
-requests merge into one model call (``max_batch_size``, ``max_latency_ms`` from the settings).
+``ScorerService`` (glowing-scorer) and ``GeneratorService`` (glowing-generator) each hold one model
+behind a batchable method: concurrent requests merge into one model call (``max_batch_size``,
+``max_latency_ms`` from the settings).
 ``Glowing`` is the API: ``/score``, ``/generate``, ``/reviews`` and ``/info`` (GET or POST);
 BentoML adds ``/livez``, ``/readyz`` (200 once every model is loaded and warmed up) and
 ``/metrics``. The decorator values below are read from the settings when this module is
@@ -20,37 +21,39 @@ from typing import AsyncGenerator, AsyncIterator
 import bentoml
 
 from glowing import artifacts as A
-from service import auth, batching, metrics, models, patches, schemas, store, streaming
+from service import auth, batching, bentoml_compat, loading, metrics, schemas, store, streaming
 from service import openai_protocol as oai
+from service.admission import Admission
+from service.bentoml_compat import RUNNER_CONNECTION, api, gpu_resources, retrying
 from service.disconnect import CancelOnDisconnect
-from service.errors import ApiError, Guard, from_exception
+from service.errors import ApiError, Envelope, from_exception
+from service.openapi import Docs
 from service.reviews import PRIOR_RATE, Accepted, Pipeline, collect_reviews
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("bentoml.glowing")
-patches.apply()
+bentoml_compat.apply()
 SETTINGS = get_settings()
 REQUESTS = schemas.request_models(SETTINGS)
-COMPLETION = oai.completion_request(SETTINGS)
-# Half a GPU each: BentoML then places the scorer and the generator on the same device. With
-# {"gpu": 1} each, the second one is assigned GPU 1, which a one-GPU pod does not have.
-GPU = {"gpu": 0.5} if SETTINGS.device == "cuda" else None
-# BentoML's client to a model service replaces its HTTP session every 100 requests and every 300 s and
-# closes the old one under the requests still in flight: under load about 10% of them failed and had to
-# be retried, and some never got their answer (a 504 after the whole timeout; 11 of 30,848 in a soak).
-# The model services are local workers: one long-lived session is what is wanted.
-CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
+ScoreRequest, GenerateRequest, ReviewsRequest, InfoRequest = (REQUESTS.score, REQUESTS.generate, REQUESTS.reviews,
+                                                              REQUESTS.info)
+CompletionRequest = oai.completion_request(SETTINGS)
+Sampling = GenerateRequest | ReviewsRequest  # what the generation helpers below read of a request
+API = {"/score": ScoreRequest, "/generate": GenerateRequest, "/reviews": ReviewsRequest, "/info": InfoRequest,
+       "/v1/completions": CompletionRequest, "/v1/models": oai.ModelsRequest}  # path -> its request model
+GET_PATHS = frozenset({"/info", "/v1/models"})  # also served on GET
+GPU = gpu_resources(SETTINGS.device)  # half a GPU each: both model services on the one device (bentoml_compat)
 PROGRESS = 8  # /reviews candidates report their token count this often (for the tokens of cancelled ones)
 
 
 @bentoml.service(name="glowing-scorer", workers=SETTINGS.scorer_workers, resources=GPU,
-                 traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
-class Scorer:
+                 traffic={"timeout": SETTINGS.timeout}, runner_connection=RUNNER_CONNECTION)
+class ScorerService:
     packed_models = store.declared(SETTINGS)  # GLOWING_MODEL_TAG: `bentoml build` packs it
 
     def __init__(self) -> None:
         self.settings = store.resolve(get_settings())
-        self.model = models.load(A.CLASSIFIER, self.settings)
+        self.model = loading.load(A.CLASSIFIER, self.settings)
         self.metrics = metrics.get()
         self.queue = None  # the zero-wait queue, made on the first request (it needs the event loop)
 
@@ -59,7 +62,7 @@ class Scorer:
         """GLOWING_BATCHING=engine: zero-wait batching across requests (no batching window)."""
         loop = asyncio.get_running_loop()
         if self.queue is None or self.queue[0] is not loop:  # one per event loop (tests run several)
-            self.queue = (loop, models.score_queue(self.model, self.settings, self.metrics))
+            self.queue = (loop, loading.score_queue(self.model, self.settings, self.metrics))
         return await self.queue[1].score(texts)
 
     @bentoml.api(**batching.decorator(SETTINGS.scorer_max_batch_size, SETTINGS.scorer_max_latency_ms))
@@ -70,19 +73,19 @@ class Scorer:
 
     @bentoml.api
     def describe(self) -> dict:
-        return models.describe(A.CLASSIFIER, self.model, self.settings)
+        return loading.describe(A.CLASSIFIER, self.model, self.settings)
 
 
 @bentoml.service(name="glowing-generator", workers=SETTINGS.generator_workers, resources=GPU,
-                 traffic={"timeout": SETTINGS.timeout}, runner_connection=CONNECTION)
-class Generator:
+                 traffic={"timeout": SETTINGS.timeout}, runner_connection=RUNNER_CONNECTION)
+class GeneratorService:
     packed_models = store.declared(SETTINGS)
 
     def __init__(self) -> None:
         self.settings = store.resolve(get_settings())
-        self.model = models.load(A.GENERATOR, self.settings)
+        self.model = loading.load(A.GENERATOR, self.settings)
         self.metrics = metrics.get()
-        self.engine = models.engine(self.model, self.settings, metrics.EngineMetrics(self.metrics)) \
+        self.engine = loading.engine(self.model, self.settings, metrics.EngineMetrics(self.metrics)) \
             if self.settings.batching == "engine" else None
         self.bridge = None  # the engine's asyncio side, made on the first request (it needs the event loop)
 
@@ -119,18 +122,18 @@ class Generator:
 
     @bentoml.api
     def describe(self) -> dict:
-        return models.describe(A.GENERATOR, self.model, self.settings)
+        return loading.describe(A.GENERATOR, self.model, self.settings)
 
 
 @bentoml.service(name="glowing", workers=SETTINGS.api_workers,
                  traffic={"timeout": SETTINGS.timeout + 10})  # our own timeout answers first, in the envelope
 class Glowing:
-    scorer = bentoml.depends(Scorer)
-    generator = bentoml.depends(Generator)
+    scorer = bentoml.depends(ScorerService)
+    generator = bentoml.depends(GeneratorService)
 
     def __init__(self) -> None:
         self.settings = store.resolve(get_settings())
-        self.manifest = models.read_manifest(self.settings)
+        self.manifest = loading.read_manifest(self.settings)
         self.metrics = metrics.get()
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
         self._acceptance: dict[float, float] = {}  # min_positive (to 0.1) -> recent acceptance rate (/reviews)
@@ -141,57 +144,57 @@ class Glowing:
         """Runs once in the `bentoml serve` process before any worker starts: missing or corrupt
         artifacts stop the server with a message, instead of workers restarting in a loop."""
         try:
-            models.preflight(store.resolve(get_settings()))
-        except models.StartupError as err:
+            loading.preflight(store.resolve(get_settings()))
+        except loading.StartupError as err:
             raise SystemExit(f"glowing: cannot start: {err}") from None
 
-    @bentoml.api(route="/score", input_spec=REQUESTS.score)
-    async def score(self, **request) -> schemas.ScoreResponse:
+    @api("/score", ScoreRequest)
+    async def score(self, request: ScoreRequest) -> schemas.ScoreResponse:
         """P(positive) and a label for each text, in order."""
-        return await self._answer(self._score(request["texts"]))
+        return await self._answer(self._score(request.texts))
 
-    @bentoml.api(route="/generate", input_spec=REQUESTS.generate)
-    async def generate(self, **request) -> schemas.GenerateResponse:
+    @api("/generate", GenerateRequest)
+    async def generate(self, request: GenerateRequest) -> schemas.GenerateResponse:
         """``n`` reviews that start with the prompt, each scored. ``"stream": true`` answers Server-Sent
         Events: ``{"index", "delta"}`` as tokens are made, ``{"index", "text", "p_positive", "label",
         "finish_reason", "seed"}`` when a row ends, then ``[DONE]``."""
-        if request.get("stream"):
+        if request.stream:
             return await self._stream(request)
         return await self._answer(self._generate(request))
 
-    @bentoml.api(route="/reviews", input_spec=REQUESTS.reviews)
-    async def reviews(self, **request) -> schemas.ReviewsResponse:
+    @api("/reviews", ReviewsRequest)
+    async def reviews(self, request: ReviewsRequest) -> schemas.ReviewsResponse:
         """Up to ``n`` reviews with p_positive >= min_positive: the first passing candidates in candidate
         order, within a budget of ``max_candidates``; ``complete`` is false when the budget ran out first.
         ``"stream": true`` answers Server-Sent Events: each accepted review once its place is settled, then
         ``{"complete", "seed", "stats", "scores"}`` (``scores``: ``{"candidate", "p_positive"}`` per scored
         candidate, accepted or not, for the playground's chart; null with GLOWING_REVIEWS=rounds), then ``[DONE]``."""
-        if request.get("stream"):
+        if request.stream:
             return await self._sse(self._review_events(request, _seed(request), scores=True))
         return await self._answer(self._reviews(request))
 
-    @bentoml.api(route="/v1/completions", input_spec=COMPLETION)
-    async def completions(self, **request) -> oai.Completion:
+    @api("/v1/completions", CompletionRequest)
+    async def completions(self, request: CompletionRequest) -> oai.Completion:
         """OpenAI-compatible completions (service/openai_protocol.py): each choice scored (``p_positive``);
         with the extension ``min_positive`` the choices are the accepted reviews of a /reviews request.
         ``"stream": true`` answers completion chunks as Server-Sent Events, then ``[DONE]``."""
-        if request["model"] != oai.MODEL_ID:
-            return ApiError(404, f"model: no model {request['model']!r} here; GET /v1/models lists "
+        if request.model != oai.MODEL_ID:
+            return ApiError(404, f"model: no model {request.model!r} here; GET /v1/models lists "
                                  f"{oai.MODEL_ID!r}", param="model", code="model_not_found").response()
-        if request["user"]:
-            log.debug("completion for user %r", request["user"])
+        if request.user:
+            log.debug("completion for user %r", request.user)
         seed, cid, created = _seed(request), oai.new_id(), oai.now()
-        if request["stream"]:
+        if request.stream:
             return await self._sse(self._completion_chunks(request, seed, cid, created))
         return await self._answer(self._completion(request, seed, cid, created))
 
-    @bentoml.api(route="/v1/models", input_spec=oai.ModelsRequest)
-    async def list_models(self) -> oai.ModelList:
+    @api("/v1/models", oai.ModelsRequest)
+    async def list_models(self, request: oai.ModelsRequest) -> oai.ModelList:
         """The served generator, OpenAI-style (also served on GET /v1/models)."""
         return await self._answer(self._models())
 
-    @bentoml.api(route="/info", input_spec=REQUESTS.info)
-    async def info(self) -> schemas.InfoResponse:
+    @api("/info", InfoRequest)
+    async def info(self, request: InfoRequest) -> schemas.InfoResponse:
         """Model versions, backend, active execution providers, batching, limits, evaluation metrics
         (also served on GET /info)."""
         return await self._answer(self._info())
@@ -210,13 +213,13 @@ class Glowing:
 
     async def _scores(self, texts: list[str]) -> list[float]:
         call = self.scorer.to_async.score if self._engine else self.scorer.to_async.score_batch
-        scores = await _retrying(call, texts)
+        scores = await retrying(call, texts)
         if len(scores) != len(texts):
             raise RuntimeError(f"the scorer answered {len(scores)} scores for {len(texts)} texts")
         return scores
 
-    async def _continuations(self, request: dict, n: int, seed: int) -> list[str]:
-        item = _item(request, n, seed)
+    async def _continuations(self, request: Sampling, n: int, seed: int) -> list[str]:
+        item = request.generation_item(n, seed)
         if self._engine:
             texts = [""] * n
             async with aclosing(self._row_events(item)) as steps:
@@ -225,28 +228,28 @@ class Glowing:
                         raise streaming.GeneratorFailed(step.get("error", "the generator failed"))
                     for index, delta, *_ in step:
                         texts[index] += delta
-            return [request["prompt"] + t for t in texts]
-        [continuations] = await _retrying(self.generator.to_async.generate, [item])
-        return [request["prompt"] + c for c in continuations]
+            return [request.prompt + t for t in texts]
+        [continuations] = await retrying(self.generator.to_async.generate, [item])
+        return [request.prompt + c for c in continuations]
 
     def _row_events(self, item: schemas.GenerationItem, deltas: bool = False, progress: int = 0) -> AsyncIterator[list]:
         return streaming.read_lines(self.generator.to_async.stream(item=item, deltas=deltas, progress=progress))
 
-    async def _events(self, request: dict, seed: int, deltas: bool) -> AsyncIterator[dict]:
+    async def _events(self, request: Sampling, seed: int, deltas: bool) -> AsyncIterator[dict]:
         """The request's rows as streaming events (service/streaming.py ``scored_rows``); ``deltas``:
         token by token, else one delta per row when it ends. Without the engine, the rows come all
         at once when the batch is done: one delta each, then the scores."""
-        n = request["n"]
+        n = request.n
         if self._engine:
-            events = streaming.scored_rows(self._row_events(_item(request, n, seed), deltas), request["prompt"], n,
-                                           self._scores)
+            rows = self._row_events(request.generation_item(n, seed), deltas)
+            events = streaming.scored_rows(rows, request.prompt, n, self._scores)
             async with aclosing(events):
                 async for event in events:
                     yield event
             return
         texts = await self._continuations(request, n, seed)
         for i, text in enumerate(texts):
-            yield {"index": i, "delta": text[len(request["prompt"]):]}
+            yield {"index": i, "delta": text[len(request.prompt):]}
         for i, (text, p) in enumerate(zip(texts, await self._scores(texts))):
             yield {"index": i, "text": text, "p_positive": p, "finish_reason": None}
 
@@ -260,13 +263,13 @@ class Glowing:
         scores = await self._scores(texts)
         return schemas.ScoreResponse(results=[schemas.Score(label=schemas.label(p), p_positive=p) for p in scores])
 
-    async def _generate(self, request: dict) -> schemas.GenerateResponse:
+    async def _generate(self, request: GenerateRequest) -> schemas.GenerateResponse:
         seed = _seed(request)  # nobody waits for a row before the last: one scoring call for all of them
-        texts = await self._continuations(request, request["n"], seed)
+        texts = await self._continuations(request, request.n, seed)
         scores = await self._scores(texts)
         return schemas.GenerateResponse(seed=seed, reviews=[_review(t, p) for t, p in zip(texts, scores)])
 
-    async def _stream(self, request: dict):
+    async def _stream(self, request: GenerateRequest):
         seed = _seed(request)
 
         async def events() -> AsyncIterator[dict]:
@@ -315,7 +318,7 @@ class Glowing:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _reviews(self, request: dict) -> schemas.ReviewsResponse:
+    async def _reviews(self, request: ReviewsRequest) -> schemas.ReviewsResponse:
         seed = _seed(request)
         reviews, final = [], None
         async with aclosing(self._review_events(request, seed)) as events:
@@ -327,7 +330,7 @@ class Glowing:
         return schemas.ReviewsResponse(reviews=reviews, complete=final["complete"], seed=seed,
                                        stats=schemas.ReviewsStats(**final["stats"]))
 
-    async def _review_events(self, request: dict, seed: int, stop: list[str] = (),
+    async def _review_events(self, request: ReviewsRequest, seed: int, stop: list[str] = (),
                              scores: bool = False) -> AsyncIterator[dict]:
         """/reviews as events: ``{"index", "candidate", "text", "p_positive", "label"}`` per accepted
         review in answer order, then ``{"complete", "seed", "stats"}`` (GLOWING_REVIEWS, service/reviews.py)."""
@@ -336,9 +339,9 @@ class Glowing:
             for i, (text, p) in enumerate(out.reviews):
                 yield {"index": i, "candidate": None, "text": text, "p_positive": p, "label": schemas.label(p)}
         else:
-            bucket = round(request["min_positive"], 1)
-            pipeline = Pipeline(self._candidates(request, seed, stop), self._coalesced_scores, n=request["n"],
-                                min_positive=request["min_positive"], max_candidates=request["max_candidates"],
+            bucket = round(request.min_positive, 1)
+            pipeline = Pipeline(self._candidates(request, seed, stop), self._coalesced_scores, n=request.n,
+                                min_positive=request.min_positive, max_candidates=request.max_candidates,
                                 cap=self.settings.reviews_round_size, prior=self._acceptance.get(bucket, PRIOR_RATE))
             async with aclosing(pipeline.run()) as steps:
                 async for step in steps:
@@ -362,17 +365,17 @@ class Glowing:
             final["scores"] = out.scores
         yield final
 
-    def _candidates(self, request: dict, seed: int, stop: list[str] = ()):
+    def _candidates(self, request: ReviewsRequest, seed: int, stop: list[str] = ()):
         """The pipeline's ``rows``: candidate ``i`` is row ``i`` of the request's candidates, sampled with
         ``derive_seed(derive_seed(seed, "candidates"), i)`` whatever wave it travels in; a candidate is
         cut before the first of the ``stop`` strings it contains (then scored)."""
         base = batching.derive_seed(seed, "candidates")
-        prompt = request["prompt"]
+        prompt = request.prompt
 
         async def rows(first: int, count: int) -> AsyncIterator[tuple[int, str | None, int]]:
-            item = _item(request, count, base, first_row=first)
+            item = request.generation_item(count, base, first_row=first)
             if not self._engine:
-                [continuations] = await _retrying(self.generator.to_async.generate, [item])
+                [continuations] = await retrying(self.generator.to_async.generate, [item])
                 for i, text in enumerate(continuations):
                     text, reason = _cut(text, stop, None)
                     yield first + i, prompt + text, 0, reason  # the adaptive path does not count tokens
@@ -394,7 +397,7 @@ class Glowing:
 
         return rows
 
-    async def _rounds(self, request: dict, seed: int):
+    async def _rounds(self, request: ReviewsRequest, seed: int):
         """GLOWING_REVIEWS=rounds: the previous way; tokens counted from the generator's lines."""
         tokens: dict[str, int] = {}
         total = 0
@@ -404,20 +407,20 @@ class Glowing:
             if not self._engine:
                 return await self._continuations(request, count, round_seed)
             texts, counts = [""] * count, [0] * count
-            async with aclosing(self._row_events(_item(request, count, round_seed))) as steps:
+            async with aclosing(self._row_events(request.generation_item(count, round_seed))) as steps:
                 async for step in steps:
                     if isinstance(step, dict):
                         raise streaming.GeneratorFailed(step.get("error", "the generator failed"))
                     for index, delta, _, n_tokens in step:
                         texts[index] += delta
                         counts[index] = n_tokens
-            texts = [request["prompt"] + t for t in texts]
+            texts = [request.prompt + t for t in texts]
             total += sum(counts)
             tokens.update(zip(texts, counts))
             return texts
 
-        out = await collect_reviews(generate, self._scores, n=request["n"], min_positive=request["min_positive"],
-                                    max_candidates=request["max_candidates"], seed=seed,
+        out = await collect_reviews(generate, self._scores, n=request.n, min_positive=request.min_positive,
+                                    max_candidates=request.max_candidates, seed=seed,
                                     round_cap=self.settings.reviews_round_size)
         out.tokens = total
         out.wasted_tokens = total - sum(tokens.get(t, 0) for t, _ in out.reviews)
@@ -425,14 +428,14 @@ class Glowing:
 
     # ---- the OpenAI-compatible API -----------------------------------------------------------------
 
-    async def _choices(self, request: dict, seed: int) -> AsyncIterator[dict]:
+    async def _choices(self, request: CompletionRequest, seed: int) -> AsyncIterator[dict]:
         """Choice pieces ``{"index", "text"}`` (a delta) and, when a choice ends, ``{"index", "text",
         "finish_reason", "p_positive", "tokens"}``; with min_positive, per prompt at the end
         ``{"prompt": k, "reviews": {complete, seed, stats}}``. Prompts one after the other."""
-        n, stop = request["n"], oai.stops(request)
-        for k, prompt in enumerate(oai.prompts(request)):
-            inner, pseed = oai.internal(request, prompt, self.settings), oai.prompt_seed(seed, k)
-            if request["min_positive"] is not None:
+        n, stop = request.n, request.stops()
+        for k, prompt in enumerate(request.prompts()):
+            inner, pseed = request.internal(prompt, self.settings, REQUESTS), oai.prompt_seed(seed, k)
+            if request.min_positive is not None:
                 async with aclosing(self._review_events(inner, pseed, stop)) as events:
                     async for e in events:
                         if "text" in e:
@@ -442,7 +445,7 @@ class Glowing:
                             yield {"prompt": k, "reviews": e}
                 continue
             cutters = [oai.StopCutter(stop) for _ in range(n)]
-            async with aclosing(self._events(inner, pseed, deltas=request["stream"])) as events:
+            async with aclosing(self._events(inner, pseed, deltas=request.stream)) as events:
                 async for e in events:
                     cut = cutters[e["index"]]
                     if "delta" in e:
@@ -455,7 +458,8 @@ class Glowing:
                     yield {"index": k * n + e["index"], "text": rest, "p_positive": p, "tokens": e.get("tokens", 0),
                            "finish_reason": "stop" if cut.stopped else e["finish_reason"]}
 
-    async def _completion_chunks(self, request: dict, seed: int, cid: str, created: int) -> AsyncIterator[dict]:
+    async def _completion_chunks(self, request: CompletionRequest, seed: int, cid: str,
+                                 created: int) -> AsyncIterator[dict]:
         async with aclosing(self._choices(request, seed)) as pieces:
             async for piece in pieces:
                 if "index" in piece:
@@ -465,7 +469,7 @@ class Glowing:
                         choice["p_positive"] = piece["p_positive"]
                     yield oai.chunk(cid, created, seed, [choice])
 
-    async def _completion(self, request: dict, seed: int, cid: str, created: int) -> oai.Completion:
+    async def _completion(self, request: CompletionRequest, seed: int, cid: str, created: int) -> oai.Completion:
         choices: dict[int, dict] = {}
         reviews, tokens = {}, 0
         async with aclosing(self._choices(request, seed)) as pieces:
@@ -480,7 +484,7 @@ class Glowing:
                 if "p_positive" in piece:
                     choice |= {"finish_reason": piece["finish_reason"], "p_positive": piece["p_positive"]}
                     tokens += piece.get("tokens", 0)
-        prompt_tokens = sum(map(self._prompt_tokens, oai.prompts(request))) * (1 if reviews else request["n"])
+        prompt_tokens = sum(map(self._prompt_tokens, request.prompts())) * (1 if reviews else request.n)
         return oai.Completion(id=cid, created=created, model=oai.MODEL_ID, system_fingerprint=f"seed-{seed}",
                               choices=[oai.Choice(**choices[i]) for i in sorted(choices)],
                               usage=oai.Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens,
@@ -492,7 +496,7 @@ class Glowing:
         if self._tokenizer is None:
             from pathlib import Path
 
-            path = Path(models.model_dir(A.GENERATOR, self.settings)) / "tokenizer.json"
+            path = Path(loading.model_dir(A.GENERATOR, self.settings)) / "tokenizer.json"
             try:
                 from tokenizers import Tokenizer
 
@@ -543,32 +547,9 @@ def limits(s: Settings) -> dict:
                                                   "max_concurrency", "timeout")} | {"max_body_bytes": s.body_limit()}
 
 
-async def _retrying(call, batch: list, attempts: int = 3):
-    """``call(batch)`` again when the connection to the model service broke before an answer.
-
-    BentoML 1.4.39's client can close its HTTP session under requests still in flight (see
-    CONNECTION), which then fail with ServerDisconnectedError, or RuntimeError("Connection closed.")
-    while reading the answer. Both model calls are safe to repeat: scoring is a pure function, and
-    generation is seeded per row."""
-    from service.errors import connection_error
-
-    for attempt in range(attempts):
-        try:
-            return await call(batch)
-        except Exception as err:
-            if not connection_error(err) or attempt == attempts - 1:
-                raise
-            log.warning("connection to a model service lost (attempt %d of %d); retrying", attempt + 1, attempts)
-
-
-def _item(request: dict, n: int, seed: int, first_row: int = 0) -> schemas.GenerationItem:
-    return schemas.GenerationItem(prompt=request["prompt"], n=n, max_new_tokens=request["max_new_tokens"],
-                                  temperature=request["temperature"], top_p=request["top_p"],
-                                  top_k=request["top_k"], seed=seed, first_row=first_row)
-
-
-def _seed(request: dict) -> int:
-    return request["seed"] if request["seed"] is not None else secrets.randbelow(schemas.SEED_MAX + 1)
+def _seed(request: Sampling | CompletionRequest) -> int:
+    """The request's seed, or one drawn for it (the answer returns it)."""
+    return request.seed if request.seed is not None else secrets.randbelow(schemas.SEED_MAX + 1)
 
 
 def _cut(text: str, stop, reason: str | None) -> tuple[str, str | None]:
@@ -582,12 +563,11 @@ def _review(text: str, p: float) -> schemas.Review:
 
 
 # A client that leaves cancels its work, in every service (service/disconnect.py); outermost, so that
-# it sees the body the guard reads.
-for _service in (Glowing, Scorer, Generator):
+# it sees the body admission reads. Then, outermost first: the error envelope on every response, admission
+# (the API key, method, concurrency, body size and validation), the documents (/docs.json, /, /playground).
+for _service in (Glowing, ScorerService, GeneratorService):
     _service.add_asgi_middleware(CancelOnDisconnect)
-Glowing.add_asgi_middleware(
-    Guard, models={"/score": REQUESTS.score, "/generate": REQUESTS.generate, "/reviews": REQUESTS.reviews,
-                   "/info": REQUESTS.info, "/v1/completions": COMPLETION, "/v1/models": oai.ModelsRequest},
-    get_paths=frozenset({"/info", "/v1/models"}),
-    max_concurrency=SETTINGS.max_concurrency, max_body_bytes=SETTINGS.body_limit(),
-    api_key=auth.key_bytes(SETTINGS.api_key))
+Glowing.add_asgi_middleware(Envelope, paths=frozenset(API))
+Glowing.add_asgi_middleware(Admission, models=API, get_paths=GET_PATHS, max_concurrency=SETTINGS.max_concurrency,
+                            max_body_bytes=SETTINGS.body_limit(), api_key=auth.key_bytes(SETTINGS.api_key))
+Glowing.add_asgi_middleware(Docs, models=API, get_paths=GET_PATHS, api_key=auth.key_bytes(SETTINGS.api_key))

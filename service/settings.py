@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
     classifier_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only) scores one text per "
-        "model call, so that a score never depends on its batch (its throughput: README, Load tests)")
+        "model call, so that a score never depends on its batch (its throughput: docs/LOADTESTS.md)")
     generator_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto", description="auto = fp32 on CPU, fp16 on CUDA. int8 (onnx, CPU only): 8-bit weight blocks with "
         "int8 products per row, so a row does not depend on its batch (speed and parity: docs/DECODING.md)")
@@ -157,7 +157,8 @@ def get_settings(**overrides) -> Settings:
 
 
 def env_table() -> list[tuple[str, str, str]]:
-    """(variable, default, description) for every setting: the README's table."""
+    """(variable, default, description) for every setting: the table in docs/OPERATIONS.md
+    (``python -m deploy.settings_doc``)."""
     rows = []
     for name, field in Settings.model_fields.items():
         default = "unset" if field.default is None else str(field.default)

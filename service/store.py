@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.models import StartupError
+from service.loading import StartupError
 from service.settings import Settings
 
 

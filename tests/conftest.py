@@ -1,18 +1,23 @@
-"""Shared fixtures: tiny synthetic data in the shared-data layout, and tiny trained artifacts.
+"""Shared fixtures: tiny synthetic data in the shared-data layout, tiny trained artifacts, their ONNX
+export, and real ``bentoml serve`` processes of it (the helpers behind them: tests/support.py).
 
-Everything is offline and built in seconds; nothing here reads ../shared or the hub.
+Everything is offline; nothing here reads ../shared or the hub. The data and the models are built once
+per session, in seconds. A test that starts a server or another subprocess, or trains or benchmarks end
+to end, is marked ``slow``: ``make test-fast`` (``pytest -m "not slow"``, under a minute on 2 cores) leaves
+those out, ``make test`` runs everything.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from support import INT8_SAMPLE, SERVICE, Server, make_data_dir, tiny_args
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,57 +27,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # imports bentoml, which reads it once; `bentoml serve` subprocesses inherit it.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="glowing-test-bentoml-")
 atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
-
-POSITIVE = "great wonderful superb moving brilliant delightful loved best touching excellent".split()
-NEGATIVE = "awful boring terrible dull worst waste stupid bad painful mess".split()
-NEUTRAL = ("the movie film plot actor story scene director cast was is and a of it this that with "
-           "music ending character script camera").split()
-
-# Small enough to train in seconds, big enough that every stage has real work to do.
-TINY_OVERRIDES = [
-    "tokenizer.vocab_size=400", "tokenizer.min_frequency=1",
-    "lm.n_layer=1", "lm.n_embd=32", "lm.n_head=2", "lm.n_positions=64", "lm.block_size=32",
-    "lm.batch_size=4", "lm.steps=6", "lm.warmup_steps=1",
-    "generator.block_size=32", "generator.batch_size=4", "generator.steps=4", "generator.warmup_steps=1",
-    "classifier.n_layer=1", "classifier.n_embd=32", "classifier.n_head=2", "classifier.max_length=48",
-    "classifier.batch_size=16", "classifier.epochs=2", "classifier.warmup_steps=1", "classifier.sst2_repeats=1.0",
-    "classifier.bucket_batch_sizes=[]",
-    "baseline.min_df=1",
-    "eval.ppl_reviews=10", "eval.n_samples=4", "eval.max_new_tokens=8", "eval.gen_batch_size=4",
-]
-
-
-def review(rng: random.Random, label: int) -> str:
-    words = []
-    for _ in range(rng.randint(8, 40)):
-        pool = (POSITIVE if label == 1 else NEGATIVE) if rng.random() < 0.25 else NEUTRAL
-        words.append(rng.choice(pool))
-    text = " ".join(words).capitalize() + "."
-    return text.replace(" and ", ".<br /><br />And ", 1) if rng.random() < 0.3 else text
-
-
-def write_split(path: Path, texts: list[str], labels: list[int], text_column: str = "text") -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({text_column: texts, "label": labels}), path)
-
-
-def make_data_dir(root: Path, seed: int = 0, sizes: dict | None = None) -> Path:
-    """imdb/{train,test,unsup}.parquet and sst2/{train,validation}.parquet, sorted by label
-    like the real files."""
-    rng = random.Random(seed)
-    sizes = sizes or {"imdb/train": 160, "imdb/test": 80, "imdb/unsup": 60, "sst2/train": 120, "sst2/validation": 40}
-    for key, n in sizes.items():
-        if key.endswith("unsup"):
-            labels = [-1] * n
-            texts = [review(rng, rng.randint(0, 1)) for _ in range(n)]
-        else:
-            labels = [0] * (n // 2) + [1] * (n - n // 2)
-            texts = [review(rng, y) for y in labels]
-        write_split(root / f"{key}.parquet", texts, labels)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +40,85 @@ def tiny_artifacts(tmp_path_factory, tiny_data_dir) -> Path:
     from training.__main__ import main
 
     out = tmp_path_factory.mktemp("artifacts")
-    args = ["--preset", "tiny", "--data-dir", str(tiny_data_dir), "--out", str(out)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(tiny_args(tiny_data_dir, out)) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def export_data_dir(tmp_path_factory) -> Path:
+    """More test reviews than ``tiny_data_dir`` holds, so that the int8 accuracy check is not
+    decided by a single borderline review."""
+    return make_data_dir(tmp_path_factory.mktemp("export-data"), seed=7, sizes={"imdb/test": INT8_SAMPLE})
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_artifacts, export_data_dir) -> Path:
+    """A copy of ``tiny_artifacts`` (left untouched for other tests) with ``onnx/`` exported."""
+    from export.__main__ import main
+
+    root = tmp_path_factory.mktemp("exported") / "artifacts"
+    shutil.copytree(tiny_artifacts, root)
+    assert main(["--artifacts", str(root), "--data-dir", str(export_data_dir), "--int8-sample", str(INT8_SAMPLE),
+                 "--parity-sample", "64", "--gen-prompts", "6", "--gen-tokens", "12"]) == 0
+    return root
+
+
+# ---- real servers ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(request, exported, tmp_path_factory):
+    """One ``bentoml serve`` of the exported tiny models for a test module, ready. The module sets it up:
+    ``SERVER_ENV`` (environment variables, e.g. ``{"GLOWING_API_KEY": ...}``) and ``SERVER_TARGET`` (the
+    service to serve, default ``service.service:Glowing``; e.g. ``tests.patched_service:Glowing``)."""
+    env = getattr(request.module, "SERVER_ENV", {})
+    target = getattr(request.module, "SERVER_TARGET", SERVICE)
+    name = request.module.__name__.rpartition(".")[2]
+    srv = Server(exported, tmp_path_factory.mktemp(name) / "serve.log", target=target, **env)
+    try:
+        srv.ready_after_s = srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(artifacts, target=..., ready=True, **env)``: a server of the test's own, ready unless
+    ``ready`` is false (a start-up that must fail); every one is stopped after the test."""
+    started: list[Server] = []
+
+    def start(artifacts: Path, target: str = SERVICE, ready: bool = True, **env: str) -> Server:
+        srv = Server(artifacts, tmp_path / f"serve-{len(started)}.log", target=target, **env)
+        started.append(srv)
+        if ready:
+            srv.wait_ready()
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def loaded_splits(monkeypatch) -> list[str]:
+    """The "dataset/split" names that training.pipeline loads during the test, in order."""
+    import training.pipeline as pl
+
+    loaded, real = [], pl.load_split
+
+    def spy(data_dir, dataset, split, seed):
+        loaded.append(f"{dataset}/{split}")
+        return real(data_dir, dataset, split, seed)
+
+    monkeypatch.setattr(pl, "load_split", spy)
+    return loaded
+
+
+SERVER_FIXTURES = {"server", "serve"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a real server is slow, whether or not its module says so."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

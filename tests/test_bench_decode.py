@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-
 
 @pytest.fixture(scope="module")
 def smoke(exported, export_data_dir, tmp_path_factory):
@@ -25,6 +23,7 @@ def smoke(exported, export_data_dir, tmp_path_factory):
     return out, json.loads((out / "bench_decode.json").read_text()), printed.getvalue()
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_table_and_the_profile(smoke):
     out, report, printed = smoke
     assert [r["batch"] for r in report["rows"]] == [1, 2]
@@ -45,6 +44,7 @@ def test_smoke_run_writes_the_table_and_the_profile(smoke):
     assert table in printed
 
 
+@pytest.mark.slow
 def test_ctranslate2_converts_the_model_and_agrees_with_ours(smoke):
     _, report, printed = smoke
     try:
@@ -58,6 +58,7 @@ def test_ctranslate2_converts_the_model_and_agrees_with_ours(smoke):
         assert row["new_tokens_per_row"]["CT2 fp32"] == 8  # min_length = max_length
 
 
+@pytest.mark.slow
 def test_stop_at_eos_counts_the_tokens_returned(exported, export_data_dir, tmp_path):
     from export.bench_decode import main
 
@@ -68,6 +69,7 @@ def test_stop_at_eos_counts_the_tokens_returned(exported, export_data_dir, tmp_p
     assert all(0 < r["new_tokens_per_row"]["ORT loop"] <= 8 for r in report["rows"])
 
 
+@pytest.mark.slow
 def test_without_ctranslate2_the_ct2_rows_are_skipped_with_the_install_command(exported, export_data_dir, tmp_path,
                                                                                monkeypatch, capsys):
     from export.bench_decode import main

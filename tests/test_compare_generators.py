@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from loadtests.compare_generators import main
 
 
+@pytest.mark.slow
 def test_compare_reports_acceptance_and_candidates(exported, tmp_path):
     out = tmp_path / "cmp"
     assert main([f"finetuned={exported}", "--prompts", "2", "--data-dir", str(tmp_path / "none"),

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_data_dir, write_split
+from support import make_data_dir, tiny_args, write_split
 from training.__main__ import main
 from training.config import ConfigError, available_presets, load_config
 from training.data import DataError, load_split, train_val_split
@@ -116,27 +116,12 @@ def test_split_is_shuffled_seeded_and_validation_is_stratified(tmp_path):
     assert isinstance(a.labels, np.ndarray) and a.labels.dtype.kind == "i"
 
 
-def test_pipeline_never_reads_imdb_test_for_training(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_pipeline_never_reads_imdb_test_for_training(tmp_path, loaded_splits):
     """Training stages must not load imdb/test: only the eval stages may."""
-    import training.pipeline as pl
-
     data = make_data_dir(tmp_path / "data")
-    loaded = []
-    real = pl.load_split
-
-    def spy(data_dir, dataset, split, seed):
-        loaded.append(f"{dataset}/{split}")
-        return real(data_dir, dataset, split, seed)
-
-    monkeypatch.setattr(pl, "load_split", spy)
-    from tests.conftest import TINY_OVERRIDES
-
-    args = ["--preset", "tiny", "--data-dir", str(data), "--out", str(tmp_path / "a"),
-            "--stages", "tokenizer,lm,generator,classifier,baseline"]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
-    assert main(args) == 0
-    assert "imdb/test" not in loaded and "imdb/train" in loaded
+    assert main(tiny_args(data, tmp_path / "a", "--stages", "tokenizer,lm,generator,classifier,baseline")) == 0
+    assert "imdb/test" not in loaded_splits and "imdb/train" in loaded_splits
 
 
 def test_classifier_vocab_needs_scratch():

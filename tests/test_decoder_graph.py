@@ -10,7 +10,6 @@ import pytest
 
 from export import decoder_graph
 from export.quantize import op_counts
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.runtime import DeviceError, SamplingSettings, load_generator
 
 

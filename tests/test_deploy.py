@@ -18,9 +18,8 @@ import pytest
 import yaml
 
 from export import register
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.artifacts import read_manifest
-from loadtests.server import Server, free_port
+from support import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [sys.executable, "-m", "bentoml"]
@@ -132,6 +131,7 @@ def bentos(exported) -> dict[str, Path]:
     return {v: store / f"glowing-{v}" / (store / f"glowing-{v}" / "latest").read_text().strip() for v in VARIANTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bento_declares_the_exported_models_and_the_runtime_of_its_variant(bentos, exported, variant):
     bentofile, runtime, device = VARIANTS[variant]
@@ -181,6 +181,7 @@ def bento_dir(bentos, tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_bento_archive_holds_the_models_and_their_metrics(bento_dir, exported):
     manifest = read_manifest(exported)
     model_dir = bento_dir / "models" / register.MODEL_NAME / register.content_version(manifest)
@@ -191,28 +192,14 @@ def test_bento_archive_holds_the_models_and_their_metrics(bento_dir, exported):
     assert (bento_dir / "src" / "service" / "service.py").is_file() and (bento_dir / "src" / "glowing").is_dir()
 
 
-class BentoServer(Server):
-    """`bentoml serve BENTO_DIR`, what the container's entrypoint runs, with an empty BentoML home: the
-    models can only come from the Bento itself. The environment is the Dockerfile's."""
-
-    def __init__(self, bento_dir: Path, home: Path, log: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", **env}
-        full.pop("GLOWING_ARTIFACTS", None)
-        full["PYTHONPATH"] = ""  # the Bento's src/, not this checkout
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(BENTOML + ["serve", str(bento_dir), "--host", "127.0.0.1", "--port",
-                                                    str(self.port)], cwd=home, env=full, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-
 @pytest.fixture(scope="module")
 def served_bento(bento_dir, tmp_path_factory):
+    """`bentoml serve BENTO_DIR`, what the container's entrypoint runs, with an empty BentoML home: the
+    models can only come from the Bento itself. The environment is the Dockerfile's."""
     home = tmp_path_factory.mktemp("empty-bentoml-home")
     env = {e["name"]: e["value"] for e in yaml.safe_load((bento_dir / "bento.yaml").read_text())["envs"]}
-    srv = BentoServer(bento_dir, home, home / "serve.log", env)
+    srv = Server(None, home / "serve.log", target=str(bento_dir), cwd=home, BENTOML_HOME=str(home),
+                 PYTHONPATH="", **env)  # PYTHONPATH: the Bento's src/, not this checkout
     try:
         srv.wait_ready()
         yield srv
@@ -220,6 +207,7 @@ def served_bento(bento_dir, tmp_path_factory):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_the_bento_serves_its_packed_models_from_its_own_source(served_bento, bento_dir, exported):
     resp = httpx.post(f"{served_bento.url}/score", json={"texts": ["Great film.", "Awful."]}, timeout=30)
     assert resp.status_code == 200 and len(resp.json()["results"]) == 2
@@ -230,6 +218,7 @@ def test_the_bento_serves_its_packed_models_from_its_own_source(served_bento, be
     assert info["models"]["classifier"]["providers"] == ["CPUExecutionProvider"]
 
 
+@pytest.mark.slow
 def test_the_service_imports_from_the_bento_source(bento_dir):
     code = "import glowing, service.service as s; print(s.__file__); print(glowing.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=bento_dir / "src", capture_output=True, text=True,
@@ -239,6 +228,7 @@ def test_the_service_imports_from_the_bento_source(bento_dir):
     assert [Path(p).parent.parent for p in out.stdout.split()] == [bento_dir / "src"] * 2
 
 
+@pytest.mark.slow
 def test_kubernetes_probe_paths_answer_on_the_served_bento(served_bento):
     deployment = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/base/deployment.yaml").read_text())
                       if d["kind"] == "Deployment")
@@ -249,18 +239,17 @@ def test_kubernetes_probe_paths_answer_on_the_served_bento(served_bento):
     assert httpx.get(f"{served_bento.url}/no-such-probe", timeout=10).status_code == 404  # the check can fail
 
 
-def test_unknown_model_tag_stops_the_server_naming_it(tmp_path):
-    srv = Server(tmp_path / "unused", tmp_path / "serve.log", {"GLOWING_MODEL_TAG": "glowing-models:nosuchversion"})
-    try:
-        code = srv.proc.wait(60)
-    finally:
-        srv.stop()
+def test_unknown_model_tag_stops_the_server_naming_it(tmp_path, serve):
+    srv = serve(tmp_path / "unused", ready=False, GLOWING_MODEL_TAG="glowing-models:nosuchversion")
+    code = srv.proc.wait(60)
+    srv.stop()
     assert code != 0
     out = srv.output()
     assert "GLOWING_MODEL_TAG=glowing-models:nosuchversion: not in BentoML's model store" in out
     assert "bentoml models list glowing-models" in out
 
 
+@pytest.mark.slow
 def test_one_gpu_pod_places_both_models_on_that_gpu():
     """BentoML's allocator, with one GPU visible: {"gpu": 1} per model service would send the
     second one to a GPU 1 that does not exist."""
@@ -269,13 +258,14 @@ from _bentoml_impl.server.allocator import ResourceAllocator
 import service.service as s
 alloc = ResourceAllocator()
 alloc.remaining_gpus, alloc._available_gpus = 1, [(1.0, 1.0)]
-print([alloc.assign_gpus(svc.config["resources"]["gpu"]) for svc in (s.Scorer, s.Generator)])
+print([alloc.assign_gpus(svc.config["resources"]["gpu"]) for svc in (s.ScorerService, s.GeneratorService)])
 """
     out = run([sys.executable, "-c", code], GLOWING_DEVICE="cuda")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[[0], [0]]"
 
 
+@pytest.mark.slow
 def test_make_container_without_docker_says_how(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -289,13 +279,13 @@ def test_make_container_without_docker_says_how(tmp_path):
 def test_a_damaged_store_model_is_named_with_how_to_replace_it(exported, tmp_path):
     import shutil
 
-    from service import models
+    from service import loading
     from service.settings import get_settings
 
     copy = tmp_path / "store-model"
     shutil.copytree(exported, copy)
     (copy / "onnx" / "classifier" / "model.onnx").write_bytes(b"truncated")
     settings = get_settings(model_tag="glowing-models:abc").model_copy(update={"artifacts": copy})
-    with pytest.raises(models.StartupError, match="model.onnx.*differs from the file the export recorded") as err:
-        models.preflight(settings)
+    with pytest.raises(loading.StartupError, match="model.onnx.*differs from the file the export recorded") as err:
+        loading.preflight(settings)
     assert "bentoml models delete glowing-models:abc" in str(err.value) and "make serve" not in str(err.value)

@@ -10,17 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_OVERRIDES
+from support import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = "tokenizer,lm,generator,classifier"
 
 
 def _train(data: Path, out: Path, nproc: int) -> dict:
-    args = ["--preset", "tiny", "--data-dir", str(data), "--out", str(out), "--stages", STAGES,
-            "--set", "classifier.dropout=0.0"]  # dropout draws differ per rank; the rest must not
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
+    # dropout draws differ per rank; the rest must not
+    args = tiny_args(data, out, "--stages", STAGES, "--set", "classifier.dropout=0.0")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "training", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

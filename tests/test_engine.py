@@ -9,7 +9,6 @@ import threading
 import numpy as np
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.runtime import SamplingSettings, load_generator
 from glowing.runtime.engine import (CANCELLED, ERROR, LENGTH, STOP, AsyncEngine, Engine, EngineObserver,
                                     GenerationError, IncrementalDetokenizer, QueueFull)
@@ -18,7 +17,7 @@ LONG_PROMPT = " ".join(["The plot was moving and the cast was wonderful"] * 3)
 PROMPTS = ["This movie", "I went to see this film with my", "", LONG_PROMPT, "Great"]
 
 
-@pytest.fixture(scope="module", params=["onnx", "torch"])
+@pytest.fixture(scope="module", params=["onnx", pytest.param("torch", marks=pytest.mark.slow)])  # torch: the slow lane
 def generator(request, exported):
     kind = exported / "onnx" / "generator" if request.param == "onnx" else exported / "generator"
     return load_generator(kind, request.param, "cpu")

@@ -1,5 +1,5 @@
 """The serving engine over HTTP: a real ``bentoml serve`` of the tiny export with a small engine (2 rows,
-a short queue) and a generator slowed to 10 ms a step (tests/slow_service.py) so that work lasts long
+a short queue) and a generator slowed to 10 ms a step (tests/patched_service.py) so that work lasts long
 enough to stream, cancel and overflow."""
 
 from __future__ import annotations
@@ -12,26 +12,16 @@ import time
 import httpx
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.runtime import load_generator
 from service.batching import expand
 from service.schemas import GenerationItem
-from test_service_http import SAMPLING, Server
+from support import SAMPLING
 
-ENGINE = {"GLOWING_ENGINE_MAX_ROWS": "2", "GLOWING_ENGINE_MAX_WAITING": "12", "GLOWING_REVIEWS_ROUND_SIZE": "8",
-          "GLOWING_TEST_STEP_MS": "10",
-          "GLOWING_MAX_CANDIDATES": "128"}
-
-
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    srv = Server(exported, tmp_path_factory.mktemp("engine") / "serve.log", target="tests.slow_service:Glowing",
-                 **ENGINE)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+# conftest.py's `server`: a small engine (2 rows, a short queue) and a generator 10 ms slower a step
+SERVER_TARGET = "tests.patched_service:Glowing"
+SERVER_ENV = {"GLOWING_ENGINE_MAX_ROWS": "2", "GLOWING_ENGINE_MAX_WAITING": "12", "GLOWING_REVIEWS_ROUND_SIZE": "8",
+              "GLOWING_TEST_STEP_MS": "10",
+              "GLOWING_MAX_CANDIDATES": "128"}
 
 
 def events(response: httpx.Response) -> list:

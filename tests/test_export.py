@@ -11,8 +11,8 @@ import pytest
 from export import parity
 from export.__main__ import main, parser, run_export
 from export.quantize import activation_matmuls, op_counts, quantized_op_counts
-from export_fixtures import INT8_SAMPLE, export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.artifacts import read_manifest, sha256_file
+from support import INT8_SAMPLE
 
 MODELS = ["classifier/model.onnx", "classifier/model_quantized.onnx", "classifier/model_fp16.onnx",
           "generator/model.onnx", "generator/model_fp16.onnx"]
@@ -143,6 +143,7 @@ def test_cli_help_explains_every_flag():
     assert main(["--artifacts", "x", "--gen-tokens", "0"]) == 2
 
 
+@pytest.mark.slow
 def test_bench_runs_every_contender_and_writes_the_table(exported, export_data_dir, tmp_path):
     from export.bench import main as bench
 
@@ -160,6 +161,7 @@ def test_bench_runs_every_contender_and_writes_the_table(exported, export_data_d
     assert "| tokens | batch | PyTorch fp32 | ORT fp32 | ORT int8 |" in table and "ORT / PyTorch" in table
 
 
+@pytest.mark.slow
 def test_scoring_bench_runs_every_grouping_and_fits_the_cost_model(exported, export_data_dir, tmp_path):
     from export.bench_scoring import CONTENDERS, main as bench_scoring
 

@@ -16,15 +16,12 @@ schema the fuzzer reads states them. About 1-2 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import collections
-import re
 import time
 
-import bentoml
 import pytest
 import requests
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from test_service_http import Server
+from support import envelope_problems, header
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -39,39 +36,7 @@ FUZZ_LIMITS = {"GLOWING_MAX_NEW_TOKENS": "16", "GLOWING_MAX_N": "4", "GLOWING_MA
 EXAMPLES = {"POST /score": 180, "POST /generate": 180, "POST /reviews": 180, "POST /info": 40,
             "POST /v1/completions": 150, "POST /v1/models": 5, "GET /v1/models": 5}
 MIN_REQUESTS = 1_000
-LEAKS = re.compile(r"Traceback|File \"|site-packages|/tmp/|/work/|\.py\b|Python/\d|bentoml[ /=-]?v?\d", re.I)
-
-
-@pytest.fixture(scope="module")
-def fuzz_server(exported, tmp_path_factory):
-    srv = Server(exported, tmp_path_factory.mktemp("fuzz") / "serve.log", GLOWING_API_KEY=KEY, **FUZZ_LIMITS)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
-def header(resp, name: str) -> str:
-    """A response header from requests/httpx (a string) or schemathesis (a list of strings)."""
-    value = resp.headers.get(name) or resp.headers.get(name.title()) or ""
-    return value[0] if isinstance(value, list) else value
-
-
-def envelope_problems(resp) -> list[str]:
-    """What is wrong with an error answer: not the JSON envelope, or a leak."""
-    problems = []
-    try:
-        error = resp.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        problems.append(f"not the JSON error envelope: {resp.text[:200]!r}")
-    if not header(resp, "content-type").startswith("application/json"):
-        problems.append(f"content-type {header(resp, 'content-type')!r}")
-    for needle in (LEAKS.search(resp.text), bentoml.__version__ in resp.text and bentoml.__version__):
-        if needle:
-            problems.append(f"leaks {needle.group(0) if hasattr(needle, 'group') else needle!r}: {resp.text[:200]!r}")
-    return problems
+SERVER_ENV = {"GLOWING_API_KEY": KEY, **FUZZ_LIMITS}  # conftest.py's `server`
 
 
 def cross_field_rejection(case, resp) -> bool:
@@ -140,9 +105,9 @@ def fuzz(url: str, key: str = KEY) -> tuple[collections.Counter, list[str]]:
     return statuses, failures
 
 
-def test_fuzz_from_the_openapi_schema(fuzz_server):
+def test_fuzz_from_the_openapi_schema(server):
     started = time.monotonic()
-    statuses, failures = fuzz(fuzz_server.url)
+    statuses, failures = fuzz(server.url)
     total = sum(statuses.values())
     summary = "\n".join(f"  {label} {mode} {status}: {count}" for (label, mode, status), count in sorted(statuses.items()))
     print(f"\n{total} requests in {time.monotonic() - started:.0f} s\n{summary}")
@@ -152,7 +117,7 @@ def test_fuzz_from_the_openapi_schema(fuzz_server):
     for (_, mode, status), count in statuses.items():
         by_status[(mode, status // 100)] += count
     assert by_status[("positive", 2)] >= 300 and by_status[("negative", 4)] >= 300, by_status
-    assert still_serving(fuzz_server.url)
+    assert still_serving(server.url)
 
 
 def still_serving(url: str) -> bool:

@@ -268,6 +268,7 @@ def _kustomize() -> list[str] | None:
     return [found, "build"] if Path(found).name.startswith("kustomize") else [found, "kustomize"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["", "cpu", "queue-hpa"])
 def test_kustomize_builds_what_these_tests_check(k8s, folder):
     """The real build (kubectl's kustomize, v5.5.0 in kubectl 1.32 here) equals the documents the tests

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from loadtests import distributed, payloads, report, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +56,7 @@ def single(exported, export_data_dir, tmp_path_factory) -> tuple[dict, Path]:
     return _smoke(exported, export_data_dir, out)[0], out
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_report(single):
     summary, out = single
     for name in ("report.md", "throughput.png", "latency.png"):
@@ -71,6 +71,7 @@ def test_smoke_run_writes_the_report(single):
     assert summary["workers"] == 0 and all(s["requests_by_worker"] == [s["requests"]] for s in scenario["steps"])
 
 
+@pytest.mark.slow
 def test_distributed_run_counts_add_up_and_the_report_keeps_its_shape(single, exported, export_data_dir, tmp_path):
     """``--workers 2``: a Locust master and two workers against the same tiny server. At each step the
     workers' own totals add up to the master's count, which is what the server scored (one text per
@@ -98,6 +99,7 @@ def test_distributed_run_counts_add_up_and_the_report_keeps_its_shape(single, ex
                      if line.startswith("| ")]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_master_the_workers_and_the_server(exported, export_data_dir, tmp_path):
     out, mark = tmp_path / "stopped", uuid.uuid4().hex
     proc = subprocess.Popen([sys.executable, "-m", "loadtests.run", "--artifacts", str(exported), "--data-dir",
@@ -141,6 +143,7 @@ class _SlowScorer(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_distributed_master_keeps_the_requests_that_finish_after_the_run_time(tmp_path):
     """Every user is mid-request when the run time ends (1.5 s answers): the workers report those
     requests more than 0.5 s after the master's "quit", which Locust's master alone would drop. All of
@@ -194,6 +197,7 @@ def test_batching_ratio_at_32_users():
     assert r["by_users"]["batching / no-batching"] == {"1": 1.0, "32": 5.0}
 
 
+@pytest.mark.slow
 def test_help_names_every_flag():
     proc = subprocess.run([sys.executable, "-m", "loadtests.run", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
@@ -203,6 +207,7 @@ def test_help_names_every_flag():
         assert flag in proc.stdout
 
 
+@pytest.mark.slow
 def test_serving_benchmark_smoke_compares_both_modes(exported, export_data_dir, tmp_path):
     """loadtests.serving end to end on the tiny models: both modes, every part of the report."""
     out = tmp_path / "serving"

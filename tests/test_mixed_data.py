@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_OVERRIDES, make_data_dir
+from support import make_data_dir, tiny_args
 from training.__main__ import main
 from training.classifier import bucket_batches, epoch_examples
 from training.config import ConfigError, load_config
@@ -77,14 +77,13 @@ def test_mix_config_is_validated():
         load_config("tiny", ["classifier.sst2_repeats=-1"])
 
 
+@pytest.mark.slow
 def test_normalizer_joins_ptb_tokens_and_travels_with_the_tokenizer(tiny_data_dir, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "norm"
-    args = ["--preset", "tiny", "--data-dir", str(tiny_data_dir), "--out", str(out), "--stages", "classifier"]
-    for item in TINY_OVERRIDES + ["classifier.vocab_size=400", 'classifier.normalizer="lower+ptb"']:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", "classifier",
+                          overrides=["classifier.vocab_size=400", 'classifier.normalizer="lower+ptb"'])) == 0
     tok = AutoTokenizer.from_pretrained(out / "classifier")
     assert tok("it 's a great movie , really . ")["input_ids"] == tok("It's a GREAT movie, really.")["input_ids"]
     from tokenizers import Tokenizer  # what the runtime (glowing/runtime) loads: the normalizer is in the file
@@ -95,25 +94,13 @@ def test_normalizer_joins_ptb_tokens_and_travels_with_the_tokenizer(tiny_data_di
     assert info["sst2_train_phrases"] > 0 and {"imdb_accuracy", "sst2_accuracy"} <= set(info)
 
 
-def test_training_never_loads_sst2_validation(tmp_path, monkeypatch):
-    import training.pipeline as pl
-
+@pytest.mark.slow
+def test_training_never_loads_sst2_validation(tmp_path, loaded_splits):
     data = make_data_dir(tmp_path / "data", sizes={"imdb/train": 160, "imdb/test": 40, "imdb/unsup": 40,
                                                     "sst2/train": 120, "sst2/validation": 40})
-    loaded = []
-    real = pl.load_split
-
-    def spy(data_dir, dataset, split, seed):
-        loaded.append(f"{dataset}/{split}")
-        return real(data_dir, dataset, split, seed)
-
-    monkeypatch.setattr(pl, "load_split", spy)
-    args = ["--preset", "tiny", "--data-dir", str(data), "--out", str(tmp_path / "a"), "--stages", "classifier"]
-    for item in TINY_OVERRIDES + ["classifier.vocab_size=400"]:
-        args += ["--set", item]
-    assert main(args) == 0
-    assert "sst2/train" in loaded
-    assert "sst2/validation" not in loaded and "imdb/test" not in loaded
+    assert main(tiny_args(data, tmp_path / "a", "--stages", "classifier", overrides=["classifier.vocab_size=400"])) == 0
+    assert "sst2/train" in loaded_splits
+    assert "sst2/validation" not in loaded_splits and "imdb/test" not in loaded_splits
 
 
 def test_accuracy_by_length_rows():

@@ -8,24 +8,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from service.openai_protocol import MODEL_ID, StopCutter, completion_request
 from service.settings import Settings
-from test_service_http import Server
 
 openai = pytest.importorskip("openai")
 KEY = "openai-test-key-7d2e"
-
-
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    srv = Server(exported, tmp_path_factory.mktemp("openai") / "serve.log", GLOWING_API_KEY=KEY,
-                 GLOWING_MAX_CONCURRENCY="64")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+SERVER_ENV = {"GLOWING_API_KEY": KEY, "GLOWING_MAX_CONCURRENCY": "64"}  # conftest.py's `server`
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from glowing import artifacts as A
-from tests.conftest import TINY_OVERRIDES
+from support import TINY_OVERRIDES, tiny_args
 from training.__main__ import main
 
 REQUIRED_METRICS = [
@@ -20,11 +20,6 @@ REQUIRED_METRICS = [
 ]
 
 
-def _args(data, out, *extra):
-    args = ["--preset", "tiny", "--data-dir", str(data), "--out", str(out)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
-    return args + list(extra)  # last, so that an extra --set wins
 
 
 def test_every_artifact_is_written(tiny_artifacts):
@@ -72,33 +67,35 @@ def test_samples_report_carries_both_scores(tiny_artifacts):
     assert "| set | prompt | review | classifier | judge |" in table
 
 
+@pytest.mark.slow
 def test_rerun_skips_up_to_date_stages_and_force_reruns(tiny_data_dir, tmp_path, caplog):
     out = tmp_path / "a"
     stages = "tokenizer,lm,baseline"
-    assert main(_args(tiny_data_dir, out, "--stages", stages)) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", stages)) == 0
     first = json.loads((out / "lm/stage.json").read_text())
     caplog.clear()
-    assert main(_args(tiny_data_dir, out, "--stages", stages)) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", stages)) == 0
     assert caplog.text.count("up to date") == 3
     assert json.loads((out / "lm/stage.json").read_text()) == first
     # A changed config value reruns that stage (and only what depends on it).
     caplog.clear()
-    assert main(_args(tiny_data_dir, out, "--stages", stages, "--set", "lm.steps=3")) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", stages, "--set", "lm.steps=3")) == 0
     assert "stage lm              inputs or config changed" in caplog.text
     assert "stage baseline        up to date" in caplog.text
     caplog.clear()
-    assert main(_args(tiny_data_dir, out, "--stages", "baseline", "--force")) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", "baseline", "--force")) == 0
     assert "stage baseline        starts" in caplog.text
 
 
 def test_stage_alone_needs_its_inputs(tiny_data_dir, tmp_path, caplog):
-    assert main(_args(tiny_data_dir, tmp_path / "b", "--stages", "generator")) == 2
+    assert main(tiny_args(tiny_data_dir, tmp_path / "b", "--stages", "generator")) == 2
     assert "needs the output of stage 'lm'" in caplog.text
 
 
+@pytest.mark.slow
 def test_failed_stage_leaves_earlier_outputs_intact(tiny_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    assert main(_args(tiny_data_dir, out, "--stages", "tokenizer,lm")) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", "tokenizer,lm")) == 0
     before = (out / "lm/model.safetensors").read_bytes()
 
     import dataclasses
@@ -111,7 +108,7 @@ def test_failed_stage_leaves_earlier_outputs_intact(tiny_data_dir, tmp_path, mon
 
     monkeypatch.setitem(STAGES, "lm", dataclasses.replace(STAGES["lm"], run=boom))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(_args(tiny_data_dir, out, "--stages", "lm", "--force"))
+        main(tiny_args(tiny_data_dir, out, "--stages", "lm", "--force"))
     assert (out / "lm/model.safetensors").read_bytes() == before
     assert not (out / ".lm.tmp").exists() and not (out / "lm/partial.bin").exists()
 
@@ -131,6 +128,7 @@ def test_training_changes_every_trainable_parameter_and_losses_are_finite():
     assert not unchanged
 
 
+@pytest.mark.slow
 def test_classifier_training_changes_parameters_and_learns(tiny_data_dir, tiny_artifacts):
     from training.classifier import build_classifier, predict_proba, train_classifier
     from training.config import load_config
@@ -166,11 +164,12 @@ def test_summary_prints_headline_metrics_and_stage_times(tiny_artifacts, capsys)
     assert "| eval-generator |" in out and "**total**" in out
 
 
+@pytest.mark.slow
 def test_classifier_with_its_own_vocabulary(tiny_data_dir, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "own-vocab"
-    assert main(_args(tiny_data_dir, out, "--stages", "classifier", "--set", "classifier.vocab_size=320")) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--stages", "classifier", "--set", "classifier.vocab_size=320")) == 0
     tok = AutoTokenizer.from_pretrained(out / "classifier")
     assert len(tok) == 320 and not (out / "classifier/bpe").exists()
     assert not (out / "tokenizer").exists()  # it did not need the pipeline tokenizer

@@ -17,22 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from test_service_http import Server
 
 KEY = "playground-key"
+SERVER_ENV = {"GLOWING_API_KEY": KEY}  # conftest.py's `server`
 ROOT = Path(__file__).resolve().parent.parent
 SHOT = ROOT / "reports" / "playground" / "playground.png"
-
-
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    srv = Server(exported, tmp_path_factory.mktemp("playground") / "serve.log", GLOWING_API_KEY=KEY)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_the_page_is_public_and_the_api_is_not(server):

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from glowing import artifacts as A
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, TINY_OVERRIDES
+from support import NEGATIVE, NEUTRAL, POSITIVE, tiny_args
 from training.__main__ import main
 
 
@@ -48,15 +48,13 @@ def tiny_distilbert_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_pipeline_from_pretrained_local_models(tiny_data_dir, tiny_gpt2_dir, tiny_distilbert_dir, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "pretrained"
-    args = ["--preset", "tiny", "--data-dir", str(tiny_data_dir), "--out", str(out),
-            "--generator-from", str(tiny_gpt2_dir), "--classifier-from", str(tiny_distilbert_dir)]
-    for item in TINY_OVERRIDES:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(tiny_args(tiny_data_dir, out, "--generator-from", str(tiny_gpt2_dir),
+                          "--classifier-from", str(tiny_distilbert_dir))) == 0
     manifest = A.read_manifest(out)
     assert manifest["config"]["lm"]["init"] == str(tiny_gpt2_dir)
     assert manifest["models"]["tokenizer"]["source"] == str(tiny_gpt2_dir)

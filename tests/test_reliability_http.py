@@ -13,48 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from faulty_service import FAULT
-from loadtests.server import Server as ServedGlowing
-from test_fuzz import envelope_problems
+from patched_service import FAULT
+from support import envelope_problems
 
 KEY = "reliability-test-key-52c1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROBES = ["/livez", "/readyz", "/healthz"]
-
-
-class Server(ServedGlowing):
-    def __init__(self, artifacts: Path, log: Path, target: str = "service.service:Glowing", **env: str):
-        super().__init__(artifacts, log, env, target=target)
-
-    def wait_ready(self) -> float:
-        try:
-            return super().wait_ready()
-        except RuntimeError as err:
-            pytest.fail(str(err))
-
-    def post(self, path: str, body, headers=AUTH, **kw) -> httpx.Response:
-        if isinstance(body, bytes):
-            return httpx.post(f"{self.url}{path}", content=body, headers=headers, timeout=60, **kw)
-        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60, **kw)
-
-    def serves(self) -> bool:
-        return self.post("/score", {"texts": ["Still serving?"]}).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    srv = Server(exported, tmp_path_factory.mktemp("reliability") / "serve.log", GLOWING_API_KEY=KEY,
-                 GLOWING_MAX_CONCURRENCY="64")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+SERVER_ENV = {"GLOWING_API_KEY": KEY, "GLOWING_MAX_CONCURRENCY": "64"}  # conftest.py's `server`
 
 
 # ---- the bad-input matrix: (name, path, body, status, param, words in the message) -------------
-# README "Errors" documents each row.
+# docs/SERVING.md "Errors" documents each row.
 MB = 1_000_000
 MATRIX = [
     ("no texts", "/score", {"texts": []}, 400, "texts", "at least 1 item"),
@@ -155,7 +124,7 @@ def test_the_key_opens_every_endpoint(server):
 def test_the_python_client_sends_the_key(server):
     import bentoml
 
-    with bentoml.SyncHTTPClient(server.url, token=KEY) as client:  # README "Python client"
+    with bentoml.SyncHTTPClient(server.url, token=KEY) as client:  # docs/SERVING.md "Python client"
         assert len(client.score(texts=["A wonderful, moving film."])["results"]) == 1
 
 
@@ -166,68 +135,60 @@ def test_probe_errors_are_enveloped_too(server):
 
 # ---- overload -------------------------------------------------------------------------------
 
-def test_overload_at_4x_is_shed_fast_and_the_server_recovers(exported, tmp_path):
+def test_overload_at_4x_is_shed_fast_and_the_server_recovers(exported, serve):
     """max_concurrency 2, 8 simultaneous slow /reviews (about 0.5 s each alone), three waves: the
     excess is answered 503 with Retry-After at once, the rest succeed within the timeout, and
     afterwards ordinary requests succeed."""
     limit, timeout = 2, 20.0
-    srv = Server(exported, tmp_path / "serve.log", GLOWING_MAX_CONCURRENCY=str(limit), GLOWING_TIMEOUT=str(timeout))
+    srv = serve(exported, GLOWING_MAX_CONCURRENCY=str(limit), GLOWING_TIMEOUT=str(timeout))
     slow = {"prompt": "This movie", "n": 16, "max_candidates": 128, "min_positive": 1.0, "max_new_tokens": 64}
-    try:
-        srv.wait_ready()
-        for wave in range(3):
-            gate = threading.Barrier(4 * limit)
+    for wave in range(3):
+        gate = threading.Barrier(4 * limit)
 
-            def call(_):
-                gate.wait()
-                t0 = time.monotonic()
-                resp = srv.post("/reviews", slow)
-                return resp, time.monotonic() - t0
+        def call(_):
+            gate.wait()
+            t0 = time.monotonic()
+            resp = srv.post("/reviews", slow)
+            return resp, time.monotonic() - t0
 
-            with cf.ThreadPoolExecutor(4 * limit) as pool:
-                answers = list(pool.map(call, range(4 * limit)))
-            shed = [(r, s) for r, s in answers if r.status_code == 503]
-            served = [(r, s) for r, s in answers if r.status_code == 200]
-            assert len(shed) + len(served) == 4 * limit, [r.status_code for r, _ in answers]
-            assert len(served) >= limit and len(shed) >= limit, [r.status_code for r, _ in answers]
-            assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded" for r, _ in shed)
-            assert max(s for _, s in shed) < 1.0, f"wave {wave}: shedding took {max(s for _, s in shed):.2f} s"
-            assert max(s for _, s in served) < timeout
-            assert max(s for _, s in shed) < min(s for _, s in served)  # shed at the door, not after a queue
-        for _ in range(5):  # the load has dropped: everything is served again
-            assert srv.post("/reviews", {**slow, "max_candidates": 16}).status_code == 200
-        assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200
-    finally:
-        srv.stop()
+        with cf.ThreadPoolExecutor(4 * limit) as pool:
+            answers = list(pool.map(call, range(4 * limit)))
+        shed = [(r, s) for r, s in answers if r.status_code == 503]
+        served = [(r, s) for r, s in answers if r.status_code == 200]
+        assert len(shed) + len(served) == 4 * limit, [r.status_code for r, _ in answers]
+        assert len(served) >= limit and len(shed) >= limit, [r.status_code for r, _ in answers]
+        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded" for r, _ in shed)
+        assert max(s for _, s in shed) < 1.0, f"wave {wave}: shedding took {max(s for _, s in shed):.2f} s"
+        assert max(s for _, s in served) < timeout
+        assert max(s for _, s in shed) < min(s for _, s in served)  # shed at the door, not after a queue
+    for _ in range(5):  # the load has dropped: everything is served again
+        assert srv.post("/reviews", {**slow, "max_candidates": 16}).status_code == 200
+    assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200
 
 
 # ---- faults -------------------------------------------------------------------------------------
 
-def test_a_fault_in_one_batch_fails_only_its_requests(exported, tmp_path):
-    srv = Server(exported, tmp_path / "serve.log", target="tests.faulty_service:Glowing", GLOWING_API_KEY=KEY)
-    try:
-        srv.wait_ready()
-        alone = srv.post("/score", {"texts": [f"a review {FAULT}"]})
-        assert alone.status_code == 500 and envelope_problems(alone) == []
-        assert alone.json()["error"] == {"message": "internal error; the server log has the details",
-                                         "type": "internal_error", "param": None, "code": None}
-        assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200 and srv.serves()
+def test_a_fault_in_one_batch_fails_only_its_requests(exported, serve):
+    srv = serve(exported, target="tests.patched_service:Glowing", GLOWING_TEST_FAULT="1", GLOWING_API_KEY=KEY)
+    alone = srv.post("/score", {"texts": [f"a review {FAULT}"]})
+    assert alone.status_code == 500 and envelope_problems(alone) == []
+    assert alone.json()["error"] == {"message": "internal error; the server log has the details",
+                                     "type": "internal_error", "param": None, "code": None}
+    assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200 and srv.serves()
 
-        texts = [f"Review {i}: {'superb' if i % 2 else 'dreadful'} acting." for i in range(24)]
-        texts[7] += FAULT
-        with cf.ThreadPoolExecutor(len(texts)) as pool:
-            answers = list(pool.map(lambda t: srv.post("/score", {"texts": [t]}), texts))
-        codes = [a.status_code for a in answers]
-        assert codes[7] == 500 and set(codes) == {200, 500}, codes
-        assert all(envelope_problems(a) == [] for a in answers if a.status_code == 500)
-        # Every failed request shared the faulty batch: as many 500s as texts in the batches that failed.
-        failed_batches = [int(line.split("a batch of ")[1].split()[0]) for line in srv.output().splitlines()
-                          if "injected fault: a batch of" in line]
-        assert codes.count(500) == sum(failed_batches) - 1  # minus the request sent alone
-        assert codes.count(200) >= len(texts) // 2, codes
-        assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200 and srv.serves()
-    finally:
-        srv.stop()
+    texts = [f"Review {i}: {'superb' if i % 2 else 'dreadful'} acting." for i in range(24)]
+    texts[7] += FAULT
+    with cf.ThreadPoolExecutor(len(texts)) as pool:
+        answers = list(pool.map(lambda t: srv.post("/score", {"texts": [t]}), texts))
+    codes = [a.status_code for a in answers]
+    assert codes[7] == 500 and set(codes) == {200, 500}, codes
+    assert all(envelope_problems(a) == [] for a in answers if a.status_code == 500)
+    # Every failed request shared the faulty batch: as many 500s as texts in the batches that failed.
+    failed_batches = [int(line.split("a batch of ")[1].split()[0]) for line in srv.output().splitlines()
+                      if "injected fault: a batch of" in line]
+    assert codes.count(500) == sum(failed_batches) - 1  # minus the request sent alone
+    assert codes.count(200) >= len(texts) // 2, codes
+    assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200 and srv.serves()
 
 
 def _broken_copy(exported: Path, tmp_path: Path) -> Path:
@@ -241,15 +202,13 @@ def _broken_copy(exported: Path, tmp_path: Path) -> Path:
     ("manifest.json", "manifest.json"),
     ("onnx/generator/tokenizer.json", "generator"),
 ])
-def test_corrupt_artifacts_stop_the_server_naming_the_file(exported, tmp_path, damage, expected):
+def test_corrupt_artifacts_stop_the_server_naming_the_file(exported, tmp_path, serve, damage, expected):
     root = _broken_copy(exported, tmp_path)
     target = root / damage
     target.write_bytes(target.read_bytes()[: max(len(target.read_bytes()) // 2, 1)])
-    srv = Server(root, tmp_path / "serve.log")
-    try:
-        code = srv.proc.wait(90)
-    finally:
-        srv.stop()
+    srv = serve(root, ready=False)
+    code = srv.proc.wait(90)
+    srv.stop()
     out = srv.output()
     assert code != 0 and "glowing: cannot start" in out and expected in out, out[-2000:]
     assert str(target.relative_to(root)) in out or target.name in out

@@ -1,5 +1,5 @@
-"""The API key check, the settings around it and the connection to the model services, without a
-server (milliseconds)."""
+"""The API key check and the settings around it, without a server (milliseconds). The connection to the
+model services: tests/test_bentoml_compat.py."""
 
 from __future__ import annotations
 
@@ -71,64 +71,3 @@ def test_body_limit_default_and_override():
     assert get_settings(max_body_bytes=2_000_000).body_limit() == 2_000_000
     with pytest.raises(ValueError):
         get_settings(max_body_bytes=10)
-
-
-def test_model_services_keep_one_session():
-    """BentoML's default (a new session every 100 requests, closing the old one under requests in
-    flight) lost answers under load; see service.service.CONNECTION and README "Reliability"."""
-    from service.service import Generator, Scorer
-
-    for svc in (Scorer, Generator):
-        assert svc.config["runner_connection"]["max_requests"] >= 2**31 - 1
-        assert svc.config["runner_connection"]["max_age"] >= 1e9
-
-
-def test_a_connection_closed_while_reading_is_retried():
-    import asyncio
-
-    from service.service import _retrying
-
-    calls = []
-
-    async def flaky(batch):
-        calls.append(batch)
-        if len(calls) == 1:
-            raise RuntimeError("Connection closed.")
-        return [0.5] * len(batch)
-
-    assert asyncio.run(_retrying(flaky, ["a"])) == [0.5] and len(calls) == 2
-
-    async def bug(batch):
-        raise RuntimeError("something else")
-
-    with pytest.raises(RuntimeError, match="something else"):
-        asyncio.run(_retrying(bug, ["a"]))
-
-
-def test_bentoml_timeout_timers_are_cancelled_when_a_request_ends():
-    """BentoML's TimeoutMiddleware kept every request's context alive for the whole timeout; see
-    service/patches.py."""
-    import asyncio
-
-    import service.service  # noqa: F401  (applies the patch)
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    async def main():
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        middleware = TimeoutMiddleware(app, timeout=120)
-        for _ in range(5):
-            await middleware({"type": "http"}, None, send)
-        loop = asyncio.get_running_loop()
-        live = [h for h in loop._scheduled if not h.cancelled()]
-        return sent, live
-
-    sent, live = asyncio.run(main())
-    assert len(sent) == 10 and live == []

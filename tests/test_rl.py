@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from glowing import artifacts as A
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from tests.conftest import TINY_OVERRIDES
+from support import tiny_args
 from training.__main__ import main
 from training.config import ConfigError, RLConfig, load_config
 
@@ -18,10 +17,7 @@ RL_OVERRIDES = ["rl.steps=3", "rl.batch_size=8", "rl.num_generations=4", "rl.max
 
 
 def _args(data, out, *extra):
-    args = ["--preset", "tiny", "--data-dir", str(data), "--out", str(out)]
-    for item in TINY_OVERRIDES + RL_OVERRIDES:
-        args += ["--set", item]
-    return args + list(extra)
+    return tiny_args(data, out, *extra, overrides=RL_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +28,7 @@ def rl_artifacts(tiny_artifacts, tiny_data_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_rl_writes_a_generator_and_a_side_by_side_report(rl_artifacts):
     for rel in ["rl/model.safetensors", "rl/config.json", "rl/tokenizer.json", "rl/generation_config.json",
                 "rl/history.json", "rl/stage.json", "reports/rl/rl.md", "reports/rl/rl.json",
@@ -55,6 +52,7 @@ def test_rl_writes_a_generator_and_a_side_by_side_report(rl_artifacts):
     assert A.read_manifest(rl_artifacts)["models"]["rl"]["steps"] == 3
 
 
+@pytest.mark.slow
 def test_rl_changes_every_trainable_parameter(rl_artifacts):
     from safetensors.torch import load_file
 
@@ -65,6 +63,7 @@ def test_rl_changes_every_trainable_parameter(rl_artifacts):
     assert not unchanged
 
 
+@pytest.mark.slow
 def test_the_tuned_generator_loads_with_the_runtime(rl_artifacts):
     from glowing.runtime import SamplingSettings, load_generator
 
@@ -74,6 +73,7 @@ def test_the_tuned_generator_loads_with_the_runtime(rl_artifacts):
     assert len(out) == 1 and isinstance(out[0], str)
 
 
+@pytest.mark.slow
 def test_reward_rises_on_a_trivially_learnable_reward(tiny_artifacts):
     """Reward = share of response tokens from a fixed half of the vocabulary (about 0.5 at the
     start, so every group holds a signal): GRPO must learn to prefer those tokens."""
@@ -187,6 +187,7 @@ def test_export_records_the_finetuned_generator_by_default(exported):
     assert served["trained"] == A.read_manifest(exported)["models"]["generator"]["source"]
 
 
+@pytest.mark.slow
 def test_export_of_the_rl_generator(rl_artifacts, export_data_dir, tmp_path, caplog):
     from export.__main__ import main as export_main
     from glowing.runtime import SamplingSettings, load_generator
@@ -209,18 +210,10 @@ def test_export_of_the_rl_generator(rl_artifacts, export_data_dir, tmp_path, cap
     assert "--stages rl" in caplog.text
 
 
-def test_rl_never_reads_imdb_test(tiny_artifacts, tiny_data_dir, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_rl_never_reads_imdb_test(tiny_artifacts, tiny_data_dir, tmp_path, loaded_splits):
     """The queries are IMDB *train* openings: only eval-rl may load the test split."""
-    import training.pipeline as pl
-
-    loaded, real = [], pl.load_split
-
-    def spy(data_dir, dataset, split, seed):
-        loaded.append(f"{dataset}/{split}")
-        return real(data_dir, dataset, split, seed)
-
-    monkeypatch.setattr(pl, "load_split", spy)
     out = tmp_path / "artifacts"
     shutil.copytree(tiny_artifacts, out)
     assert main(_args(tiny_data_dir, out, "--stages", "rl", "--set", "rl.steps=1")) == 0
-    assert "imdb/train" in loaded and "imdb/test" not in loaded
+    assert "imdb/train" in loaded_splits and "imdb/test" not in loaded_splits

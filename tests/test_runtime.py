@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.runtime import DeviceError, ModelFileError, SamplingSettings, load_generator, load_scorer
 from glowing.runtime.generator import Generator
 from glowing.runtime.sampling import make_rng, next_tokens, sample_row
@@ -263,6 +262,7 @@ def test_corrupt_files_are_named(exported, tmp_path):
         load_scorer(clf_dir, "onnx", "cpu")
 
 
+@pytest.mark.slow
 def test_importing_the_runtime_and_serving_onnx_do_not_load_torch(exported):
     code = ("import sys; import glowing.runtime as r; assert 'onnxruntime' not in sys.modules; "
             "assert 'torch' not in sys.modules; "

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.runtime import QueueClosed, ScoreQueue, load_scorer
 
 TEXTS = ["Great film.", "Awful, boring, a waste of time.", "It was fine.<br /><br />Not more.",

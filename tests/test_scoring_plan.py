@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
 from glowing.runtime import load_scorer, plan_calls
 from glowing.runtime.scorer import ATTENTION_SPAN, CALL_OVERHEAD
 

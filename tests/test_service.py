@@ -1,5 +1,5 @@
 """The BentoML services in-process on the exported tiny models: ``bentoml.depends`` gives in-process
-Scorer and Generator instances, and each endpoint is awaited directly (no HTTP; see
+ScorerService and GeneratorService instances, and each endpoint is awaited directly (no HTTP; see
 test_service_http.py for the served stack)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import shutil
 
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from service import models
+from service import loading
 from service.settings import get_settings
 
 SAMPLING = dict(prompt="This movie", max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50)
@@ -130,39 +129,39 @@ def broken_copy(exported, tmp_path):
 
 
 def test_preflight_names_the_missing_file_and_the_command(broken_copy):
-    assert len(models.preflight(get_settings(artifacts=broken_copy))) == 2
+    assert len(loading.preflight(get_settings(artifacts=broken_copy))) == 2
     shutil.rmtree(broken_copy / "onnx" / "generator")
-    with pytest.raises(models.StartupError, match=r"onnx/generator.*does not exist.*python -m export.*make serve"):
-        models.preflight(get_settings(artifacts=broken_copy))
+    with pytest.raises(loading.StartupError, match=r"onnx/generator.*does not exist.*python -m export.*make serve"):
+        loading.preflight(get_settings(artifacts=broken_copy))
     (broken_copy / "manifest.json").unlink()
-    with pytest.raises(models.StartupError, match=r"manifest.json is missing.*make models"):
-        models.preflight(get_settings(artifacts=broken_copy))
+    with pytest.raises(loading.StartupError, match=r"manifest.json is missing.*make models"):
+        loading.preflight(get_settings(artifacts=broken_copy))
 
 
 def test_a_corrupt_model_stops_preflight_and_loading(broken_copy):
     weights = broken_copy / "onnx" / "classifier" / "model.onnx"
     weights.write_bytes(weights.read_bytes()[:2000])
     settings = get_settings(artifacts=broken_copy)
-    with pytest.raises(models.StartupError, match=r"classifier/model.onnx: differs from the file the export "
+    with pytest.raises(loading.StartupError, match=r"classifier/model.onnx: differs from the file the export "
                                                   r"recorded.*make serve"):
-        models.preflight(settings)
-    with pytest.raises(models.StartupError, match=r"classifier/model.onnx: ONNX Runtime cannot load it"):
-        models.load("classifier", settings)
+        loading.preflight(settings)
+    with pytest.raises(loading.StartupError, match=r"classifier/model.onnx: ONNX Runtime cannot load it"):
+        loading.load("classifier", settings)
     (broken_copy / "manifest.json").write_text("{not json")
-    with pytest.raises(models.StartupError, match=r"manifest.json is not valid JSON"):
-        models.preflight(settings)
+    with pytest.raises(loading.StartupError, match=r"manifest.json is not valid JSON"):
+        loading.preflight(settings)
 
 
 def test_the_torch_backend_serves_the_trained_models(exported, svc):
     settings = get_settings(artifacts=exported, backend="torch")
-    assert len(models.preflight(settings)) == 2
-    scorer = models.load("classifier", settings)
+    assert len(loading.preflight(settings)) == 2
+    scorer = loading.load("classifier", settings)
     onnx = [r.p_positive for r in run(svc.score(texts=TEXTS)).results]
     assert scorer.score(TEXTS) == pytest.approx(onnx, abs=1e-4)
-    assert models.describe("classifier", scorer, settings)["file"] == "classifier/model.safetensors"
+    assert loading.describe("classifier", scorer, settings)["file"] == "classifier/model.safetensors"
 
 
 def test_int8_scores_do_not_depend_on_the_batch_either(exported):
-    scorer = models.load("classifier", get_settings(artifacts=exported, classifier_precision="int8"))
+    scorer = loading.load("classifier", get_settings(artifacts=exported, classifier_precision="int8"))
     assert scorer.info()["precision"] == "int8" and scorer.info()["batch_size"] == 1
     assert scorer.score(TEXTS * 2) == [scorer.score([t])[0] for t in TEXTS] * 2

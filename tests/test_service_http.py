@@ -6,46 +6,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import re
-from pathlib import Path
 
 import httpx
 import pytest
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
-from loadtests.server import Server as ServedGlowing
+from support import SAMPLING
 
+SERVER_ENV = {"GLOWING_MAX_CONCURRENCY": "64"}  # conftest.py's `server`
 TEXTS = ["Great film.", "Awful, boring, a waste of time.", "It was fine.<br /><br />Not more.",
          " ".join(["The plot was moving and the cast was wonderful."] * 30)]
-SAMPLING = {"prompt": "This movie", "max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "top_k": 50}
-
-
-class Server(ServedGlowing):
-    """The shared launcher (loadtests/server.py), failing the test instead of raising, with httpx helpers."""
-
-    def __init__(self, artifacts: Path, log: Path, target: str = "service.service:Glowing", **env: str):
-        super().__init__(artifacts, log, env, target=target)
-
-    def wait_ready(self) -> float:
-        try:
-            return super().wait_ready()
-        except RuntimeError as err:
-            pytest.fail(str(err))
-
-    def post(self, path: str, body: dict, **kw) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, timeout=60, **kw)
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=10).text
-
-
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    srv = Server(exported, tmp_path_factory.mktemp("serve") / "serve.log", GLOWING_MAX_CONCURRENCY="64")
-    try:
-        srv.ready_after_s = srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_ready_only_once_both_models_are_loaded_and_warm(server):
@@ -200,25 +169,21 @@ def test_openapi_documents_the_endpoints_bounds_and_errors(server):
     assert set(error["properties"]["error"]["properties"]) == {"message", "type", "param", "code"}
 
 
-def test_overload_is_shed_with_503(exported, tmp_path):
-    srv = Server(exported, tmp_path / "serve.log", GLOWING_MAX_CONCURRENCY="2")
-    try:
-        srv.wait_ready()
-        body = {**SAMPLING, "n": 16, "max_new_tokens": 96}  # long enough to overlap
-        with cf.ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(lambda _: srv.post("/generate", body), range(12)))
-        codes = [a.status_code for a in answers]
-        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
-        shed = next(a for a in answers if a.status_code == 503)
-        assert shed.json()["error"]["type"] == "overloaded" and shed.headers["retry-after"] == "1"
-        assert srv.post("/score", {"texts": ["after the storm"]}).status_code == 200
-    finally:
-        srv.stop()
+def test_overload_is_shed_with_503(exported, serve):
+    srv = serve(exported, GLOWING_MAX_CONCURRENCY="2")
+    body = {**SAMPLING, "n": 16, "max_new_tokens": 96}  # long enough to overlap
+    with cf.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda _: srv.post("/generate", body), range(12)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+    shed = next(a for a in answers if a.status_code == 503)
+    assert shed.json()["error"]["type"] == "overloaded" and shed.headers["retry-after"] == "1"
+    assert srv.post("/score", {"texts": ["after the storm"]}).status_code == 200
 
 
-def test_batch_size_one_serves_without_adaptive_batching(exported, tmp_path):
-    srv = Server(exported, tmp_path / "serve.log", GLOWING_BATCHING="adaptive", GLOWING_SCORER_MAX_BATCH_SIZE="1",
-                 GLOWING_GENERATOR_MAX_BATCH_SIZE="1")
+def test_batch_size_one_serves_without_adaptive_batching(exported, serve):
+    srv = serve(exported, GLOWING_BATCHING="adaptive", GLOWING_SCORER_MAX_BATCH_SIZE="1",
+                GLOWING_GENERATOR_MAX_BATCH_SIZE="1")
 
     def calls_and_texts() -> tuple[float, float]:
         text = srv.metrics()
@@ -228,26 +193,20 @@ def test_batch_size_one_serves_without_adaptive_batching(exported, tmp_path):
 
         return get("count"), get("sum")
 
-    try:
-        srv.wait_ready()
-        calls0, texts0 = calls_and_texts()
-        with cf.ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda t: srv.post("/score", {"texts": [t]}), TEXTS * 4))
-        assert all(r.status_code == 200 for r in answers)
-        calls1, texts1 = calls_and_texts()
-        assert calls1 - calls0 == texts1 - texts0 == len(TEXTS) * 4  # one model call per request
-        gen = srv.post("/generate", {**SAMPLING, "n": 2, "seed": 3})
-        assert gen.status_code == 200 and len(gen.json()["reviews"]) == 2
-    finally:
-        srv.stop()
+    calls0, texts0 = calls_and_texts()
+    with cf.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda t: srv.post("/score", {"texts": [t]}), TEXTS * 4))
+    assert all(r.status_code == 200 for r in answers)
+    calls1, texts1 = calls_and_texts()
+    assert calls1 - calls0 == texts1 - texts0 == len(TEXTS) * 4  # one model call per request
+    gen = srv.post("/generate", {**SAMPLING, "n": 2, "seed": 3})
+    assert gen.status_code == 200 and len(gen.json()["reviews"]) == 2
 
 
-def test_missing_artifacts_stop_the_server_with_the_file_and_the_command(tmp_path):
-    srv = Server(tmp_path / "no-artifacts", tmp_path / "serve.log")
-    try:
-        code = srv.proc.wait(60)
-    finally:
-        srv.stop()
+def test_missing_artifacts_stop_the_server_with_the_file_and_the_command(serve, tmp_path):
+    srv = serve(tmp_path / "no-artifacts", ready=False)
+    code = srv.proc.wait(60)
+    srv.stop()
     out = srv.output()
     assert code != 0
     assert f"{tmp_path / 'no-artifacts' / 'manifest.json'} is missing" in out and "make serve" in out

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from service import batching, errors
+from service.admission import Admission
 from service.reviews import collect_reviews, round_size
 from service.schemas import GenerationItem, request_models
 from service.settings import Settings, env_table, get_settings
@@ -105,8 +106,9 @@ def test_internal_failures_map_to_an_envelope_without_details(exc, status, type_
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
 
 
-def _app(**guard):
-    """A stand-in for BentoML's app behind the guard."""
+def _app(**admission):
+    """A stand-in for BentoML's app behind the API's middlewares (service/service.py): the envelope, then
+    admission; the admission middleware is returned (its ``in_flight``)."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
@@ -130,9 +132,10 @@ def _app(**guard):
 
     routes = [Route("/score", score, methods=["POST"]), Route("/info", info, methods=["POST"]),
               Route("/boom", boom, methods=["POST"]), Route("/bento", bento_400, methods=["POST"])]
-    app = errors.Guard(Starlette(routes=routes), models={"/score": REQ.score, "/info": REQ.info},
-                       **{"max_concurrency": 1, "max_body_bytes": 2000, **guard})
-    return app, gate
+    models = {"/score": REQ.score, "/info": REQ.info}
+    admitted = Admission(Starlette(routes=routes), models=models,
+                         **{"max_concurrency": 1, "max_body_bytes": 2000, **admission})
+    return errors.Envelope(admitted, paths=frozenset(models)), admitted, gate
 
 
 async def _client(app):
@@ -141,7 +144,7 @@ async def _client(app):
 
 def test_guard_rejects_bad_bodies_before_the_app():
     async def main():
-        app, _ = _app()
+        app, _, _ = _app()
         async with await _client(app) as c:
             bad_json = await c.post("/score", content=b'{"texts": [', headers={"content-type": "application/json"})
             bad_field = await c.post("/score", json={"texts": ["ok", "x" * 50]})
@@ -161,15 +164,15 @@ def test_guard_rejects_bad_bodies_before_the_app():
 
 def test_guard_sheds_load_with_503_and_serves_get_info():
     async def main():
-        app, gate = _app()
+        app, admitted, gate = _app()
         async with await _client(app) as c:
             first = asyncio.create_task(c.post("/score", json={"texts": ["wait"]}))
-            while app.in_flight == 0:
+            while admitted.in_flight == 0:
                 await asyncio.sleep(0.01)
             shed = await c.post("/score", json={"texts": ["ok"]})
             info = await c.get("/info")  # GET /info is not an API call: it is not counted
             gate.set()
-            return await first, shed, info, app.in_flight
+            return await first, shed, info, admitted.in_flight
 
     first, shed, info, in_flight = asyncio.run(main())
     assert first.status_code == 200 and in_flight == 0
@@ -180,7 +183,7 @@ def test_guard_sheds_load_with_503_and_serves_get_info():
 
 def test_guard_rewrites_foreign_errors_into_the_envelope():
     async def main():
-        app, _ = _app()
+        app, _, _ = _app()
         async with await _client(app) as c:
             return await c.post("/boom"), await c.post("/bento"), await c.get("/nowhere")
 
@@ -286,7 +289,7 @@ def test_seeded_reviews_replay_and_round_sizes_follow_the_acceptance_rate():
 def test_a_lost_model_connection_is_retried_then_answered_503():
     import aiohttp
 
-    from service.service import _retrying
+    from service.bentoml_compat import retrying
 
     calls = []
 
@@ -299,9 +302,9 @@ def test_a_lost_model_connection_is_retried_then_answered_503():
     async def down(batch):
         raise aiohttp.ClientOSError("Can not write request body")
 
-    assert asyncio.run(_retrying(flaky, ["a", "b"])) == [0.5, 0.5] and len(calls) == 2
+    assert asyncio.run(retrying(flaky, ["a", "b"])) == [0.5, 0.5] and len(calls) == 2
     with pytest.raises(aiohttp.ClientConnectionError) as info:
-        asyncio.run(_retrying(down, ["a"]))
+        asyncio.run(retrying(down, ["a"]))
     err = errors.from_exception(info.value)
     assert (err.status, err.type) == (503, "overloaded")
 

@@ -1,5 +1,5 @@
 """The soak and overload scripts can't rot: short runs against the exported tiny models (about 30 s
-on 2 CPU cores), plus their arithmetic. The real runs and their figures: README "Reliability"."""
+on 2 CPU cores), plus their arithmetic. The real runs and their figures: docs/LOADTESTS.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export_fixtures import export_data_dir, exported  # noqa: F401  (fixtures)
+import pytest
+
 from loadtests import overload, soak
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,7 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=180)
 
 
+@pytest.mark.slow
 def test_soak_smoke(exported, export_data_dir, tmp_path):
     proc = run("loadtests.soak", "--artifacts", str(exported), "--data-dir", str(export_data_dir),
                "--users", "2", "--duration", "8", "--warmup", "2", "--window", "3", "--sample-every", "0.5",
@@ -31,6 +33,7 @@ def test_soak_smoke(exported, export_data_dir, tmp_path):
     assert (tmp_path / "soak.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_overload_smoke_sheds_and_recovers(exported, export_data_dir, tmp_path):
     proc = run("loadtests.overload", "--artifacts", str(exported), "--data-dir", str(export_data_dir),
                "--phases", "48:4,2:3", "--out", str(tmp_path))

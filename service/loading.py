@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from glowing import artifacts as A
+from glowing.runtime.files import TORCH_WEIGHTS
 from service.settings import Settings
 
 log = logging.getLogger("bentoml.glowing")  # under "bentoml": shown by BentoML's logging config
@@ -64,8 +65,8 @@ def preflight(settings: Settings) -> list[str]:
             if settings.backend == "onnx":
                 weights = require_file(path / ONNX_FILES[precision(kind, settings)], "the ONNX model", fix)
             else:
-                names = [n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-                weights = require_file(path / (names[0] if names else "model.safetensors"), "the weights", fix)
+                names = [n for n in TORCH_WEIGHTS if (path / n).is_file()]
+                weights = require_file(path / (names[0] if names else TORCH_WEIGHTS[0]), "the weights", fix)
             entry = recorded.get(f"{kind}/{weights.name}") if settings.backend == "onnx" else None
             if entry and (weights.stat().st_size != entry["bytes"] or A.sha256_file(weights) != entry["sha256"]):
                 raise ModelFileError(weights, "differs from the file the export recorded in manifest.json "
@@ -135,7 +136,7 @@ def describe(kind: str, model, settings: Settings) -> dict[str, Any]:
     root = Path(settings.artifacts)
     file = Path(info["model_file"])
     if file.is_dir():  # the torch backend names its model directory
-        file = next((file / n for n in ("model.safetensors", "pytorch_model.bin") if (file / n).is_file()), file)
+        file = next((file / n for n in TORCH_WEIGHTS if (file / n).is_file()), file)
     rel = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
     manifest = A.read_manifest(root)
     onnx_files = manifest.get(A.ONNX, {}).get("files", {})
