@@ -262,6 +262,7 @@ def thread_table(onnx_dir: Path, batches: tuple[int, ...], repeats: int, past: i
         sessions[name] = OnnxCausalLM(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
                                       path, config, "")
     heads, head_dim = config["n_head"], config["n_embd"] // config["n_head"]
+    past = min(past, (config.get("n_positions") or 1024) - 1)  # the new token's position must exist
     rows = []
     for batch in batches:
         rng = np.random.default_rng(batch)

@@ -29,6 +29,7 @@ import numpy as np
 from export.quantize import quantized_op_counts
 from export.labelled_reviews import Reviews
 from glowing.runtime import SamplingSettings, load_generator, load_scorer
+from glowing.runtime.generator import left_pad
 from glowing.runtime.files import ONNX_FILES
 from glowing.text import generation_prompt, normalize
 
@@ -183,12 +184,7 @@ def _alone_vs_batched(gen, texts: list[str], new: int = 32) -> dict[str, Any]:
     pad = gen.codec.pad_id
 
     def logits(batch: list[list[int]]) -> list[np.ndarray]:
-        width = max(len(x) for x in batch)
-        input_ids = np.full((len(batch), width), pad, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for r, seq in enumerate(batch):
-            input_ids[r, width - len(seq) :], mask[r, width - len(seq) :] = seq, 1
-        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+        input_ids, mask, positions = _left_padded(batch, pad)
         out, past = [], None
         tokens = input_ids
         for _ in range(3):
@@ -207,17 +203,18 @@ def _alone_vs_batched(gen, texts: list[str], new: int = 32) -> dict[str, Any]:
     return {"alone_vs_batched_max_abs_diff": diff, "seeded_rows_identical": f"{same}/{len(texts)}"}
 
 
+def _left_padded(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids and mask left-padded as the runtime pads them, and the positions it gives them."""
+    batch, mask = left_pad(ids, pad_id)
+    return batch, mask, np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+
+
 def _teacher_forced(lm, ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood of each real next token, and the greedy choice there, feeding the
     left-padded batch one column at a time (the last-position logits the decoding graph gives)."""
-    width = max(len(x) for x in ids)
-    batch = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros_like(batch)
-    for row, seq in enumerate(ids):
-        batch[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, 1
-    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+    batch, mask, positions = _left_padded(ids, pad_id)
     past, nll, greedy = None, [], []
-    for t in range(width - 1):
+    for t in range(batch.shape[1] - 1):
         logits, past = lm.forward(batch[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1], past)
         real = (mask[:, t] == 1) & (mask[:, t + 1] == 1)
         shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)

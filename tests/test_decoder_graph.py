@@ -106,3 +106,65 @@ def test_other_architectures_keep_optimums_graph(exported, tmp_path, change, cap
     out = tmp_path / "model.onnx"
     assert decoder_graph.build(source, out) is False and not out.exists()
     assert "Optimum's decoding graph" in caplog.text
+
+
+def test_the_cache_written_in_place_gives_the_logits_of_the_copied_one(exported, monkeypatch):
+    """On CPU the runtime wires MultiHeadAttention's shared past/present buffer (SharedCache): through
+    prefill, growth of the buffer, select (rows leaving, columns cut) and concat (cohorts merging with
+    left padding), its logits are bit for bit those of the plain graph, which copies the cache."""
+    import onnxruntime as ort
+
+    from glowing.runtime import onnx_backend as ob
+
+    monkeypatch.setattr(ob, "GROW", 1)  # the buffer fills at every step: growth exercised all along
+    path = exported / "onnx" / "generator" / "model.onnx"
+    config = json.loads((path.parent / "config.json").read_text())
+    shared = ob.OnnxCausalLM(ort.InferenceSession(ob.shared_kv_graph(path), providers=["CPUExecutionProvider"]),
+                             path, config, "")
+    plain = ob.OnnxCausalLM(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path, config, "")
+    assert shared.shared and not plain.shared
+    rng = np.random.default_rng(3)
+
+    def prefill(lm, ids, mask):
+        return lm.forward(ids, mask, np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1), None)
+
+    def step(lm, past, token, mask, lengths):
+        return lm.forward(token[:, None], mask, lengths[:, None], past)
+
+    ids = rng.integers(5, 300, (4, 6)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :2] = mask[3, :4] = 0
+    other = rng.integers(5, 300, (2, 3)).astype(np.int64)
+    results = {}
+    for name, lm in (("shared", shared), ("plain", plain)):
+        out = []
+        logits, past = prefill(lm, ids, mask)
+        m, lengths = mask, mask.sum(axis=1)
+        for _ in range(3):
+            m = np.concatenate([m, np.ones((len(m), 1), np.int64)], axis=1)
+            logits, past = step(lm, past, logits.argmax(-1), m, lengths)
+            lengths = lengths + 1
+            out.append(logits)
+        keep = np.array([0, 1, 3])  # row 2 leaves; the first columns stay (row 3's padding is narrower)
+        past, m, lengths, last = lm.select(past, keep, 0), m[keep], lengths[keep], logits[keep]
+        small_logits, small = prefill(lm, other, np.ones_like(other))  # a cohort of 2 narrow rows
+        pad = m.shape[1] - other.shape[1]
+        past = lm.concat([past, small], [0, pad])
+        m = np.concatenate([m, np.pad(np.ones_like(other), ((0, 0), (pad, 0)))])
+        lengths = np.concatenate([lengths, np.full(2, other.shape[1])])
+        token = np.concatenate([last.argmax(-1), small_logits.argmax(-1)])
+        for _ in range(3):
+            m = np.concatenate([m, np.ones((len(m), 1), np.int64)], axis=1)
+            logits, past = step(lm, past, token, m, lengths)
+            lengths, token = lengths + 1, logits.argmax(-1)
+            out.append(logits)
+        results[name] = out
+    for a, b in zip(results["shared"], results["plain"]):
+        assert np.array_equal(a, b)
+
+
+def test_optimums_graph_keeps_the_copied_cache(exported):
+    from glowing.runtime import onnx_backend as ob
+
+    assert ob.shared_kv_graph(exported / "onnx" / "generator" / "model_fp16.onnx") is None
+    assert load_generator(exported / "onnx" / "generator", "onnx", "cpu").lm.shared  # CPU: the shared buffer
