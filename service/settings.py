@@ -129,6 +129,9 @@ class Settings(BaseSettings):
         if self.device == "cuda" and self.classifier_precision == "int8":
             raise ValueError("GLOWING_CLASSIFIER_PRECISION=int8 is the CPU format; use fp16 or auto with "
                              "GLOWING_DEVICE=cuda")
+        if self.device == "cuda" and self.generator_precision == "int8":
+            raise ValueError("GLOWING_GENERATOR_PRECISION=int8 is the CPU format; use fp16 or auto with "
+                             "GLOWING_DEVICE=cuda")
         return self
 
 

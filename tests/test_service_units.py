@@ -427,3 +427,12 @@ def test_model_threads_default_to_half_of_the_cores_a_container_may_use(tmp_path
     assert S.get_settings(threads=3).model_threads() == 3
     monkeypatch.setattr(S, "available_cores", lambda: 1)
     assert S.get_settings().model_threads() == 1
+
+
+def test_int8_precisions_are_refused_on_cuda_at_start_up():
+    from service.settings import get_settings
+
+    for field in ("classifier_precision", "generator_precision"):
+        with pytest.raises(ValueError, match=f"GLOWING_{field.upper()}=int8 is the CPU format"):
+            get_settings(device="cuda", **{field: "int8"})
+    assert get_settings(generator_precision="int8").generator_precision == "int8"
