@@ -10,7 +10,7 @@ GPU format and runs on CPU too, slower than fp32 there.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,6 +131,7 @@ class SharedCache:
 
     buffers: list[np.ndarray]
     length: int
+    binding: Any = field(default=None, repr=False, compare=False)  # the IO binding these buffers are bound in
 
     @property
     def capacity(self) -> int:
@@ -194,20 +195,24 @@ class OnnxCausalLM:
                 bigger[:, :, : past.length] = b[:, :, : past.length]
                 buffers.append(bigger)
             past = SharedCache(buffers, past.length)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask))
+        binding = past.binding
+        if binding is None:  # new buffers: bound once, as past and present, for every step they serve
+            binding = self.session.io_binding()
+            for name, out, buffer in zip(self._past, self._outputs[1:], past.buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(out, value)
+        # every array bound stays referenced here until the run is over
+        feeds = {"input_ids": np.ascontiguousarray(input_ids), "attention_mask": np.ascontiguousarray(attention_mask),
+                 SHARED_LENGTH: np.array([past.length], dtype=np.int32)}
         if self._positions:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids))
-        binding.bind_cpu_input(SHARED_LENGTH, np.array([past.length], dtype=np.int32))
-        for name, out, buffer in zip(self._past, self._outputs[1:], past.buffers):
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(out, value)
+            feeds["position_ids"] = np.ascontiguousarray(position_ids)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
         logits = np.empty((rows, 1, self._vocab), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
-        return logits[:, -1, :], SharedCache(past.buffers, past.length + new)
+        return logits[:, -1, :], SharedCache(past.buffers, past.length + new, binding)
 
     def select(self, past: list[np.ndarray] | SharedCache, rows: np.ndarray,
                start: int = 0) -> list[np.ndarray] | SharedCache:
