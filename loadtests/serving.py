@@ -153,8 +153,10 @@ async def closed_loop(client: Client, users: int, duration: float, make, streami
     return {"users": users, "requests": len(in_window), "failures": failures,
             "rps": round(len(in_window) / (end - started), 2), "p50": _r(percentile(ms, 50)),
             "p99": _r(percentile(ms, 99)), "ttft_p50": _r(percentile(ttft, 50)), "ttft_p99": _r(percentile(ttft, 99)),
+            # None where the counter did not move while requests were answered: a mode without the engine
             "tokens_per_s": round((tokens_end - tokens_at_start) / (end - started), 1)
-            if tokens_end is not None and tokens_at_start is not None else None}
+            if tokens_end is not None and tokens_at_start is not None
+            and (tokens_end > tokens_at_start or not in_window) else None}
 
 
 def generated_tokens(server: Server) -> float | None:
@@ -337,11 +339,12 @@ def markdown(summary: dict) -> str:
             tokens = f"{s_['tokens_per_s']:.0f} tok/s, " if s_.get("tokens_per_s") is not None else ""
             cells.append(f"{s_['rps']} req/s, {tokens}{s_['p50']} / {s_['p99']}")
         lines.append(f"| {step['users']} | " + " | ".join(cells) + " |")
-    if len(modes) > 1:
+    if len(modes) > 1 and all(st.get("tokens_per_s") for st in res[modes[0]]["ladder"]):
         base = modes[0]
         lines += ["", f"Ratios to {base} (tokens/s): " + "; ".join(
             f"{s_['users']} clients: " + ", ".join(
-                f"{m} {_ratio(res[m]['ladder'][i]['tokens_per_s'], s_['tokens_per_s'])}x" for m in modes[1:])
+                f"{m} {_ratio(res[m]['ladder'][i]['tokens_per_s'], s_['tokens_per_s']) or 'n/a '}x"
+                for m in modes[1:])
             for i, s_ in enumerate(res[base]["ladder"]))]
     return "\n".join(lines) + "\n"
 
