@@ -130,7 +130,7 @@ def test_upstream_abandoned_streams_keep_their_response_open():
 
 def test_model_services_keep_one_session():
     """BentoML's default (a new session every 100 requests, closing the old one under requests in
-    flight) lost answers under load; see README "Reliability"."""
+    flight) lost answers under load; see docs/LOADTESTS.md, "Soak"."""
     from service.service import GeneratorService, ScorerService
 
     for svc in (ScorerService, GeneratorService):
