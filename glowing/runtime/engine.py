@@ -18,8 +18,11 @@ Every step (``Engine.step``), in this order:
 
 A running batch is TGI's non-flash ``CausalLMBatch``: left padding, one attention mask and one KV
 cache for its rows, position ids counted per row from its first real token. Merging pads the
-narrower cache on the left; when rows leave, the columns that every remaining row masks are cut,
-so a batch is never wider than its longest row's history. Because every row of a batch pays for
+narrower cache on the left. A row that ends leaves its request at once but keeps its slot in the
+arrays, fed padding, until ``COMPACT_SHARE`` of its cohort has ended (cutting rows out copies the
+whole cache): then the live rows are copied out and the columns every one of them masks are cut, so
+a batch is never wider than its longest row's history by more than its ended rows' (``max_rows``
+counts live rows; the arrays may hold up to a third more). Because every row of a batch pays for
 its whole width at every step (attention, and the cache the model copies), newcomers join a batch
 only when their widths are close enough that the padding costs less than a model call, else they run as a cohort
 of their own (at most ``MAX_COHORTS``, one model call each per step; see ``_place``). An idle engine admits a new row
