@@ -168,3 +168,13 @@ def test_optimums_graph_keeps_the_copied_cache(exported):
 
     assert ob.shared_kv_graph(exported / "onnx" / "generator" / "model_fp16.onnx") is None
     assert load_generator(exported / "onnx" / "generator", "onnx", "cpu").lm.shared  # CPU: the shared buffer
+
+
+def test_without_the_onnx_package_the_graph_runs_as_exported(exported, monkeypatch, caplog):
+    import sys
+
+    from glowing.runtime import onnx_backend as ob
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now fails
+    assert ob.shared_kv_graph(exported / "onnx" / "generator" / "model.onnx") is None
+    assert "pip install onnx" in caplog.text

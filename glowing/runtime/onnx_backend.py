@@ -108,9 +108,13 @@ def shared_kv_graph(path: Path) -> bytes | None:
     key/value into the cache in place instead of copying the whole cache into a new output. CPU
     only (on CUDA the same input selects another kernel with another cache layout); None for a
     graph without ``MultiHeadAttention`` (Optimum's), which runs as it is."""
-    import onnx
-    from onnx import TensorProto, helper
-
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:  # the Bentos ship it; without it the graph runs as exported, copying its cache
+        log.warning("%s: the onnx package is missing, so the KV cache is copied at every step instead of "
+                    "written in place (pip install onnx)", path)
+        return None
     model = onnx.load(path)
     attention = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
     if not attention or any(len(n.input) > 8 and n.input[8] for n in attention) \
