@@ -296,9 +296,11 @@ def per_row_sampling(fn: Callable, *args):
 def optimum_graph(model_dir: Path, cache: Path) -> Path:
     """Optimum's own decoding graph of ``model_dir`` (what ``python -m export`` served before it
     rebuilt the graph, export/decoder_graph.py), exported once per weights into ``cache``."""
-    from export.onnx_export import TASKS, export_model  # noqa: F401  (the task the export uses)
-    from optimum.exporters.onnx import main_export
     import warnings
+
+    from optimum.exporters.onnx import main_export
+
+    from export.onnx_export import TASKS
 
     out = cache / f"optimum-{_weights_digest(model_dir)}"
     if (out / "model.onnx").is_file():
