@@ -3,8 +3,8 @@ client disconnects before the response is complete.
 
 Neither uvicorn nor BentoML cancel a handler whose client went away (only a streaming response
 notices, at its next chunk): an abandoned /reviews kept the generator busy for minutes. Here the
-handler runs in its own task; once the request body has been read, a watcher waits for
-``http.disconnect`` and cancels that task. Cancellation then travels the ordinary way: the API's
+handler runs in its own task; a disconnect while the body is still arriving cancels it at once,
+and once the body has been read, a watcher waits for ``http.disconnect`` and cancels that task. Cancellation then travels the ordinary way: the API's
 awaits on the model services are cancelled, their HTTP connections closed, and the model
 services (which run this middleware too) cancel their handlers in turn: the generator's rows
 leave its engine at the next step and queued scoring is dropped.
@@ -46,6 +46,13 @@ class CancelOnDisconnect:
             message = await receive()
             if message["type"] == "http.disconnect":
                 gone.set()
+                if handler is not None and not handler.done():
+                    # gone while its request was still arriving (a caller cancelled mid-body): nobody waits
+                    # for an answer, and the framework would fail on the half body with a traceback
+                    log.info("%s: the client went away before its request arrived; cancelling", scope.get("path"))
+                    handler.cancel()
+                    if asyncio.current_task() is handler:
+                        await asyncio.sleep(0)  # the cancellation lands here, before anyone reads a half body
             elif not message.get("more_body", False):
                 state["watcher"] = asyncio.ensure_future(watch())
             return message
