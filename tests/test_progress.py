@@ -70,3 +70,19 @@ def test_is_terminal():
     closed.close()
     assert is_terminal(Terminal()) and not is_terminal(io.StringIO()) and not is_terminal(closed)
     assert not is_terminal(object())
+
+
+def test_tokenizing_stops_at_its_total(capsys):
+    """pack_blocks tokenizes in chunks of reviews: the last chunk overshoots max_tokens, the bar does not."""
+    from training.lm import pack_blocks
+
+    class Words:
+        eos_token_id = 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[1 + len(w) for w in t.split()] for t in texts]}
+
+    blocks = pack_blocks(Words(), ["a few words here"] * 2000, block_size=8, max_tokens=100)
+    assert blocks.shape[1] == 8 and blocks.numel() >= 100
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1].startswith("tokenizing: 100/100 tok (100%)"), lines[-3:]

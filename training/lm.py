@@ -64,14 +64,16 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
     """
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    chunk = 512
+    chunk, counted = 512, 0
     with progress(total=max_tokens or None, desc="tokenizing", unit="tok") as bar:
         for start in range(0, len(texts), chunk):
             batch = [normalize(t) for t in texts[start : start + chunk]]
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 stream.append(eos)
                 stream.extend(ids)
-                bar.update(len(ids) + 1)
+            done = min(len(stream), max_tokens) if max_tokens else len(stream)
+            bar.update(done - counted)  # the last chunk overshoots max_tokens: the bar stops at 100%
+            counted = done
             if max_tokens and len(stream) >= max_tokens:
                 break
     n_blocks = len(stream) // block_size
