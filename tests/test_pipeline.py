@@ -87,6 +87,25 @@ def test_rerun_skips_up_to_date_stages_and_force_reruns(tiny_data_dir, tmp_path,
     assert "stage baseline        starts" in caplog.text
 
 
+def test_max_minutes_cuts_the_training_steps(tiny_data_dir, tmp_path, caplog):
+    """A time limit no machine meets: each training loop keeps its probe steps, records the cut, and
+    its model is saved and loads as usual."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = tmp_path / "limited"
+    assert main(tiny_args(tiny_data_dir, out, "--stages", "tokenizer,lm,classifier", "--set", "lm.steps=40",
+                          "--set", "lm.max_minutes=1e-6", "--set", "classifier.max_minutes=1e-6")) == 0
+    models = A.read_manifest(out)["models"]
+    assert (models["lm"]["steps"], models["lm"]["planned_steps"]) == (11, 40)  # 10 probe steps after the first
+    assert models["classifier"]["planned_steps"] > 11 and models["classifier"]["steps"] == 11
+    assert "lm: the 40 planned steps would take" in caplog.text and "(lm.max_minutes): training 11 steps" in caplog.text
+    AutoModelForCausalLM.from_pretrained(out / "lm")
+    AutoModelForSequenceClassification.from_pretrained(out / "classifier")
+    from training.summary import summary
+
+    assert "| 11 of 40 (time limit) |" in summary(str(out))
+
+
 def test_stage_alone_needs_its_inputs(tiny_data_dir, tmp_path, caplog):
     assert main(tiny_args(tiny_data_dir, tmp_path / "b", "--stages", "generator")) == 2
     assert "needs the output of stage 'lm'" in caplog.text

@@ -27,7 +27,7 @@ from glowing.text import LABELS, normalize
 from training import device as dev
 from training import distributed as dist
 from training.config import SCRATCH, ClassifierConfig
-from training.optim import adamw, check_finite, warmup_cosine
+from training.optim import TimeLimit, adamw, check_finite, warmup_cosine
 
 log = logging.getLogger(__name__)
 ID2LABEL = dict(enumerate(LABELS))
@@ -40,6 +40,8 @@ class ClassifierResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     seconds: float = 0.0
+    steps: int = 0  # done: fewer than planned when max_minutes cut the plan
+    planned_steps: int = 0
 
 
 def append_eos(tokenizer) -> None:
@@ -140,6 +142,13 @@ def epoch_examples(n_imdb: int, sst2_labels: np.ndarray, repeats: float, balance
     return np.concatenate([np.arange(n_imdb)] + [n_imdb + x for x in picks]).astype(int)
 
 
+def batch_cost(width: int, rows: int) -> float:
+    """What a training step on ``rows`` texts padded to ``width`` tokens costs, in token-positions: the
+    matrix products grow with rows x width, attention with rows x width^2 (its share at 400 tokens
+    about as large as the rest, as a profile of the cpu preset's classifier shows)."""
+    return rows * width * (1.0 + width / 400.0)
+
+
 def collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -196,16 +205,22 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
              "batches %s", len(train_texts), sum(len(b) for b in plan[0]) - len(train_texts), len(sst2_y), total,
              cfg.length_buckets, sizes)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
-    schedule = warmup_cosine(optimizer, cfg.warmup_steps, total)
+    limit = TimeLimit([batch_cost(int(lengths[b].max()), len(b)) for epoch in plan for b in epoch],
+                      cfg.max_minutes * 60, "classifier")
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, limit.steps)
     device = dev.of(model)
     ddp = dist.wrap(model)
     result, best_state, step = ClassifierResult(), None, 0
     for epoch, batches in enumerate(plan, start=1):
+        if step >= limit.total:
+            break  # a time limit cut the plan before this epoch
         model.train()
         losses = []
         bar = show_progress(batches, desc=f"classifier epoch {epoch}/{cfg.epochs}", unit="batch",
                             enabled=dist.is_main())
         for batch in bar:
+            if step >= limit.total:
+                break
             local = dist.shard(batch)
             input_ids, mask = collate([ids[i] for i in local], tokenizer.pad_token_id)
             with dev.autocast(device):
@@ -217,9 +232,12 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if limit.step_done(step) < total:
+                bar.total = max(0, limit.total - (step + 1 - len(losses)))  # the bar ends at 100% of the cut plan
             step += 1
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        bar.close()
         scores = {name: accuracy(model, tokenizer, texts, y, cfg.max_length) for name, (texts, y) in val.items()}
         score = float(np.mean(list(scores.values())))
         result.epochs.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": score,
@@ -232,4 +250,5 @@ def train_classifier(model, tokenizer, cfg: ClassifierConfig, train_texts: list[
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - started
+    result.steps, result.planned_steps = step, total
     return result

@@ -65,9 +65,13 @@ class LMConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     dropout: float = 0.0
+    # Wall-clock limit of the training loop, in minutes (0 = none): past it, the steps are cut
+    # (training/optim.py TimeLimit); what keeps the cpu preset in its budget on a slower machine.
+    max_minutes: float = 0.0
 
     def validate(self) -> None:
         _validate_model("lm", self)
+        _check(self.max_minutes >= 0, "lm.max_minutes", "must be >= 0 (0: no limit)")
         _check(self.block_size <= self.n_positions, "lm.block_size", "must be <= lm.n_positions")
         _check(self.steps >= 0, "lm.steps", "must be >= 0")
 
@@ -80,8 +84,12 @@ class GeneratorConfig:
     lr: float = 5e-4
     warmup_steps: int = 20
     weight_decay: float = 0.1
+    # Wall-clock limit of the training loop, in minutes (0 = none): past it, the steps are cut
+    # (training/optim.py TimeLimit); what keeps the cpu preset in its budget on a slower machine.
+    max_minutes: float = 0.0
 
     def validate(self) -> None:
+        _check(self.max_minutes >= 0, "generator.max_minutes", "must be >= 0 (0: no limit)")
         _check(self.block_size >= 8, "generator.block_size", "must be >= 8")
         _check(self.batch_size >= 1, "generator.batch_size", "must be >= 1")
         _check(self.steps >= 1, "generator.steps", "must be >= 1")
@@ -117,8 +125,12 @@ class ClassifierConfig:
     # ("it 's" -> "it's") and strips, inside the saved tokenizer, so SST-2's lower-cased, tokenised
     # phrases and users' texts meet the same tokens at training and serving time; "none" leaves texts as they are.
     normalizer: str = "none"
+    # Wall-clock limit of the training loop, in minutes (0 = none): past it, the steps are cut
+    # (training/optim.py TimeLimit); what keeps the cpu preset in its budget on a slower machine.
+    max_minutes: float = 0.0
 
     def validate(self) -> None:
+        _check(self.max_minutes >= 0, "classifier.max_minutes", "must be >= 0 (0: no limit)")
         if self.init == SCRATCH:
             _validate_model("classifier", self)
         _check(self.sst2_repeats >= 0, "classifier.sst2_repeats", "must be >= 0 (0 trains on IMDB only)")

@@ -82,6 +82,17 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank (a decision all ranks must share, such as a cut plan)."""
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.broadcast(t, src=0)
+    return int(t[0])
+
+
 def mean(value: float, weight: float = 1.0) -> float:
     """A per-rank value (a slice's loss) averaged over ranks, weighted by ``weight`` (its rows)."""
     if not _active():

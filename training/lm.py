@@ -17,12 +17,13 @@ from glowing.text import normalize
 from training import device as dev
 from training import distributed as dist
 from training.config import SCRATCH, LMConfig
-from training.optim import adamw, check_finite, warmup_cosine
+from training.optim import TimeLimit, adamw, check_finite, warmup_cosine
 
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # done: fewer than planned when max_minutes cut the plan
+    planned_steps: int
     tokens: int
     first_loss: float | None  # None when steps = 0
     last_loss: float | None  # mean of the last 10% of steps
@@ -83,9 +84,10 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) -
 
 
 def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float, warmup: int,
-             weight_decay: float, seed: int, stage: str,
+             weight_decay: float, seed: int, stage: str, max_minutes: float = 0.0,
              device: torch.device | None = None) -> TrainResult:
-    """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks).
+    """Causal-LM training over ``blocks`` for ``steps`` steps (cycling through shuffled blocks), or
+    as many of them as fit in ``max_minutes`` (0: all; see ``TimeLimit``).
 
     Under torchrun every rank draws the same global batch and trains on its slice of it."""
     import time
@@ -93,7 +95,8 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     device = device or dev.of(model)
     model.to(device).train()
     optimizer = adamw(model, lr, weight_decay)
-    schedule = warmup_cosine(optimizer, warmup, steps)
+    limit = TimeLimit([1] * steps, max_minutes * 60, stage)
+    schedule = warmup_cosine(optimizer, warmup, limit.steps)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(blocks))
     cursor, losses = 0, []
@@ -101,6 +104,8 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
     ddp = dist.wrap(model)
     bar = progress(range(steps), desc=stage, unit="step", enabled=dist.is_main())
     for step in bar:
+        if step >= limit.total:
+            break
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(blocks)), 0
         rows = order[cursor : cursor + min(batch_size, len(order))]
@@ -117,9 +122,13 @@ def train_lm(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: fl
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
+        if limit.step_done(step) < steps:
+            bar.total = limit.total  # the bar ends at 100% of the cut plan
+    bar.close()
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
-    return TrainResult(steps=steps, tokens=steps * batch_size * blocks.shape[1],
+    done = len(losses)
+    return TrainResult(steps=done, planned_steps=steps, tokens=done * batch_size * blocks.shape[1],
                        first_loss=losses[0] if losses else None,
                        last_loss=float(np.mean(tail)) if losses else None,
                        seconds=time.perf_counter() - started)

@@ -85,7 +85,8 @@ def _fmt(value: float | None) -> str:
 def _lm_summary(model, result: lm_mod.TrainResult, val_loss: float, source: str) -> dict:
     return {"source": source, "parameters": sum(x.numel() for x in model.parameters()),
             "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
-            "n_positions": model.config.n_positions, "steps": result.steps, "train_tokens": result.tokens,
+            "n_positions": model.config.n_positions, "steps": result.steps, "planned_steps": result.planned_steps,
+            "train_tokens": result.tokens,
             "first_loss": result.first_loss, "last_loss": result.last_loss, "val_loss": val_loss,
             "val_perplexity": float(np.exp(val_loss)), "train_seconds": round(result.seconds, 1)}
 
@@ -105,7 +106,8 @@ def lm(p: Pipeline, out: Path) -> dict:
              cfg.init, sum(x.numel() for x in model.parameters()) / 1e6, cfg.steps, cfg.batch_size,
              cfg.block_size, len(blocks))
     result = lm_mod.train_lm(model, blocks, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                             warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed, stage="lm")
+                             warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed, stage="lm",
+                             max_minutes=cfg.max_minutes)
     val_loss = lm_mod.mean_loss(model, val_blocks)
     log.info("lm: train loss %s -> %s, held-out loss %.3f", _fmt(result.first_loss), _fmt(result.last_loss), val_loss)
     if dist.is_main():
@@ -129,7 +131,7 @@ def generator(p: Pipeline, out: Path) -> dict:
     before = lm_mod.mean_loss(model, val_blocks)
     result = lm_mod.train_lm(model, blocks, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay, seed=p.cfg.seed + 1,
-                             stage="generator")
+                             stage="generator", max_minutes=cfg.max_minutes)
     val_loss = lm_mod.mean_loss(model, val_blocks)
     log.info("generator: held-out positive loss %.3f -> %.3f", before, val_loss)
     model.generation_config = GenerationConfig(
@@ -182,6 +184,7 @@ def classifier(p: Pipeline, out: Path) -> dict:
                                       "normalizer": cfg.normalizer, "sst2_repeats": cfg.sst2_repeats,
                                       "sst2_train_phrases": len(sst2_fit) if sst2_fit else 0,
                                       "epochs": result.epochs, "best_epoch": result.best_epoch,
+                                      "steps": result.steps, "planned_steps": result.planned_steps,
                                       "val_accuracy": result.best_val_accuracy,
                                       **{k: v for k, v in last.items() if k.endswith("_accuracy")},
                                       "train_seconds": round(result.seconds, 1)}}}

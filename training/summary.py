@@ -52,11 +52,20 @@ def summary(root: str) -> str:
     stages = manifest.get("stages", {})
     total = sum(s["seconds"] for s in stages.values())
     cpu = sum(s.get("cpu_seconds", 0.0) for s in stages.values())
-    lines += ["", "| stage | seconds | CPU seconds |", "|---|---|---|"]
-    lines += [f"| {name} | {s['seconds']:.0f} | {s['cpu_seconds']:.0f} |" if "cpu_seconds" in s else
-              f"| {name} | {s['seconds']:.0f} | n/a |" for name, s in stages.items()]
-    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | {cpu:.0f} |")
+    models = manifest.get("models", {})
+    lines += ["", "| stage | seconds | CPU seconds | training steps |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s['seconds']:.0f} | " + (f"{s['cpu_seconds']:.0f}" if "cpu_seconds" in s else "n/a")
+              + f" | {steps(models.get(name, {}))} |" for name, s in stages.items()]
+    lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | {cpu:.0f} | |")
     return "\n".join(lines)
+
+
+def steps(model: dict) -> str:
+    """``200``, or ``170 of 200 (time limit)`` when the stage's max_minutes cut its plan."""
+    done, planned = model.get("steps"), model.get("planned_steps")
+    if done is None:
+        return ""
+    return f"{done} of {planned} (time limit)" if planned and done < planned else f"{done}"
 
 
 def by_length(root: str) -> list[str]:
