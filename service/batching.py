@@ -77,40 +77,71 @@ def decorator(max_batch_size: int, max_latency_ms: int) -> dict:
 
 
 class Coalesce:
-    """``await coalesce(texts)``: one call of ``call`` at a time, carrying every list that arrived while the
-    previous one ran (no wait when idle). /reviews scores each candidate as it ends; under load this
-    turns many one-text calls to the scorer service into a few larger ones."""
+    """``await coalesce(texts)``: at most ``depth`` calls of ``call`` at a time, each carrying every list that
+    arrived while the previous ones ran, up to ``max_items`` items (a longer list goes alone); no wait
+    when idle. Under load
+    this turns many small calls to the scorer service into a few larger ones: the scorer's process
+    spends most of its time on each HTTP request, not on the model (docs/SERVING.md).
 
-    def __init__(self, call: Callable[[list], Awaitable[list]]):
-        self.call = call
+    A caller that goes away (cancelled) leaves: its list is dropped if it was not sent yet, and the
+    call in flight is cancelled when nobody is left waiting for it."""
+
+    def __init__(self, call: Callable[[list], Awaitable[list]], max_items: int | None = None, depth: int = 1):
+        self.call, self.max_items, self.depth = call, max_items, depth
         self.pending: list[tuple[list, asyncio.Future]] = []
-        self.running = False
+        self.running = 0  # calls under way (drain loops), at most ``depth``
+        self.inflight: list[tuple[asyncio.Future, list[tuple[list, asyncio.Future]]]] = []
 
     async def __call__(self, items: list) -> list:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((items, future))
-        if not self.running:
-            self.running = True
+        if self.running < self.depth:
+            self.running += 1
             asyncio.ensure_future(self._drain())
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            for call, taken in self.inflight:
+                if all(f.done() for _, f in taken):
+                    call.cancel()  # nobody waits for this call any more
+            raise
+
+    def _take(self) -> list[tuple[list, asyncio.Future]]:
+        live = [p for p in self.pending if not p[1].done()]  # callers gone before their call: dropped
+        taken, count = [], 0
+        for items, future in live:
+            if taken and self.max_items is not None and count + len(items) > self.max_items:
+                break
+            taken.append((items, future))
+            count += len(items)
+        self.pending = live[len(taken):]
+        return taken
 
     async def _drain(self) -> None:
         try:
             while self.pending:
-                taken, self.pending = [p for p in self.pending if not p[1].done()], []
+                taken = self._take()
                 if not taken:
                     continue
+                call = asyncio.ensure_future(self.call([x for items, _ in taken for x in items]))
+                self.inflight.append(entry := (call, taken))
                 try:
-                    results = await self.call([x for items, _ in taken for x in items])
+                    results = await call
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise  # the drain itself was cancelled (the loop is closing)
+                    continue  # the call was abandoned by all of its callers
                 except Exception as err:
                     for _, future in taken:
                         if not future.done():
                             future.set_exception(err)
                     continue
+                finally:
+                    self.inflight.remove(entry)
                 start = 0
                 for items, future in taken:
                     if not future.done():
                         future.set_result(results[start:start + len(items)])
                     start += len(items)
         finally:
-            self.running = False
+            self.running -= 1

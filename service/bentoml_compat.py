@@ -14,6 +14,10 @@ and says which workaround to delete. After an upgrade, run ``pytest tests/test_b
   timeout): the connection stays open until the garbage collector finds the response, so the model
   service never sees a disconnect and generates on for nobody (a whole /reviews round generated for
   nobody). Patched: the response is closed as soon as its stream is left.
+- ``schema-per-response``: the media type of an endpoint's answer, when the endpoint returns a plain
+  type (the model services' ``list[float]``), is found by building the type's whole JSON schema with a new
+  pydantic ``TypeAdapter``, again for every response (``IOMixin.mime_type``): a tenth of the scorer
+  process's request handling under load (docs/SERVING.md). Patched: computed once per class.
 - ``one-session``: its client to a model service replaces its HTTP session every 100 requests and every
   300 s and closes the old one under the requests still in flight: under load some failed and had to be
   retried, and some never got their answer (a 504 after the whole timeout; docs/LOADTESTS.md,
@@ -39,7 +43,7 @@ positional argument), and parses and validates the body itself: ``api`` gives th
 service/admission.py validated (``VALIDATED`` in the ASGI scope) and puts keyword calls (BentoML's, or
 in-process ones: ``svc.score(texts=[...])``) back into the model without validating them again.
 
-The two patches (``timeout-timers``, ``abandoned-streams``) replace BentoML code with copies of
+The three patches (``timeout-timers``, ``abandoned-streams``, ``schema-per-response``) replace BentoML code with copies of
 ``TESTED``'s: on another release they are left off (a copy could undo its fixes) and a warning says so.
 The other workarounds are values and readers that are harmless on any release.
 """
@@ -71,11 +75,12 @@ def apply() -> bool:
 
     if not supported():
         log.warning("service/bentoml_compat.py: written for BentoML %s, running %s: its patches (timeout-timers, "
-                    "abandoned-streams) are left off; run tests/test_bentoml_compat.py to see which workarounds "
+                    "abandoned-streams, schema-per-response) are left off; run tests/test_bentoml_compat.py to see which workarounds "
                     "are still needed", TESTED, bentoml.__version__)
         return False
     _patch_timeout_timers()
     _patch_abandoned_streams()
+    _patch_schema_per_response()
     return True
 
 
@@ -144,6 +149,24 @@ def _patch_abandoned_streams() -> None:
     ORIGINAL.setdefault("AsyncClient._parse_stream_response", proxy2.AsyncClient._parse_stream_response)
     proxy2.AsyncClient._get_stream = _get_stream
     proxy2.AsyncClient._parse_stream_response = _parse_stream_response
+
+
+# ---- schema-per-response ---------------------------------------------------------------------------
+
+def _patch_schema_per_response() -> None:
+    from _bentoml_sdk.io_models import IOMixin
+
+    if "IOMixin.mime_type" in ORIGINAL:
+        return
+    original = ORIGINAL.setdefault("IOMixin.mime_type", IOMixin.mime_type).__func__
+    known: dict[type, str] = {}
+
+    def mime_type(cls) -> str:
+        if cls not in known:
+            known[cls] = original(cls)
+        return known[cls]
+
+    IOMixin.mime_type = classmethod(mime_type)
 
 
 # ---- one-session, connection-closed -----------------------------------------------------------------

@@ -137,7 +137,7 @@ class Glowing:
         self.metrics = metrics.get()
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
         self._acceptance: dict[float, float] = {}  # min_positive (to 0.1) -> recent acceptance rate (/reviews)
-        self._coalesce = None  # /reviews' scoring calls, one at a time (made on the first, in the event loop)
+        self._coalesce = None  # scoring calls to the scorer, one at a time (made on the first, in the event loop)
 
     @bentoml.on_deployment
     def preflight() -> None:
@@ -242,7 +242,7 @@ class Glowing:
         n = request.n
         if self._engine:
             rows = self._row_events(request.generation_item(n, seed), deltas)
-            events = streaming.scored_rows(rows, request.prompt, n, self._scores)
+            events = streaming.scored_rows(rows, request.prompt, n, self._scoring)
             async with aclosing(events):
                 async for event in events:
                     yield event
@@ -256,17 +256,24 @@ class Glowing:
     async def _coalesced_scores(self, texts: list[str]) -> list[float]:
         loop = asyncio.get_running_loop()
         if self._coalesce is None or self._coalesce[0] is not loop:  # one per event loop (tests run several)
-            self._coalesce = (loop, batching.Coalesce(self._scores))
+            self._coalesce = (loop, batching.Coalesce(self._scores, self.settings.scorer_max_batch_size, depth=2))
         return await self._coalesce[1](texts)
 
+    @property
+    def _scoring(self):
+        """How /score and /generate reach the scorer: with the engine, coalesced (what arrives while a
+        call is under way goes in the next one); GLOWING_BATCHING=adaptive, one call per request (the
+        request-level path kept for comparison). /reviews always coalesces."""
+        return self._coalesced_scores if self._engine else self._scores
+
     async def _score(self, texts: list[str]) -> schemas.ScoreResponse:
-        scores = await self._scores(texts)
+        scores = await self._scoring(texts)
         return schemas.ScoreResponse(results=[schemas.Score(label=schemas.label(p), p_positive=p) for p in scores])
 
     async def _generate(self, request: GenerateRequest) -> schemas.GenerateResponse:
         seed = _seed(request)  # nobody waits for a row before the last: one scoring call for all of them
         texts = await self._continuations(request, request.n, seed)
-        scores = await self._scores(texts)
+        scores = await self._scoring(texts)
         return schemas.GenerateResponse(seed=seed, reviews=[_review(t, p) for t, p in zip(texts, scores)])
 
     async def _stream(self, request: GenerateRequest):
@@ -454,7 +461,7 @@ class Glowing:
                         continue
                     rest, p = cut.finish(), e["p_positive"]
                     if cut.stopped:  # the score is of what the client gets
-                        [p] = await self._scores([prompt + cut.text])
+                        [p] = await self._scoring([prompt + cut.text])
                     yield {"index": k * n + e["index"], "text": rest, "p_positive": p, "tokens": e.get("tokens", 0),
                            "finish_reason": "stop" if cut.stopped else e["finish_reason"]}
 

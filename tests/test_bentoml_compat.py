@@ -126,6 +126,36 @@ def test_upstream_abandoned_streams_keep_their_response_open():
                                                                  "leaves an abandoned stream's response open")
 
 
+# ---- schema-per-response ---------------------------------------------------------------------------
+
+def _schemas_built(mime_type, monkeypatch) -> tuple[str, int]:
+    from _bentoml_sdk.io_models import IORootModel, ensure_io_descriptor
+
+    answer = ensure_io_descriptor(list[float])  # what a model service's endpoint returns
+    assert issubclass(answer, IORootModel)
+    built = []
+    real = answer.model_json_schema.__func__
+    monkeypatch.setattr(answer, "model_json_schema", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
+    types = {mime_type.__get__(None, answer)() for _ in range(5)}  # five responses
+    assert len(types) == 1
+    return types.pop(), len(built)
+
+
+def test_an_answer_media_type_is_found_once(monkeypatch):
+    from _bentoml_sdk.io_models import IOMixin
+
+    compat.apply()
+    media_type, built = _schemas_built(IOMixin.__dict__["mime_type"], monkeypatch)
+    assert media_type == "application/json" and built <= 1
+
+
+def test_upstream_builds_a_json_schema_for_every_response(monkeypatch):
+    compat.apply()
+    media_type, built = _schemas_built(classmethod(compat.ORIGINAL["IOMixin.mime_type"].__func__), monkeypatch)
+    assert media_type == "application/json"
+    assert built == 5, fixed_upstream("schema-per-response", "builds a JSON schema to find each answer's media type")
+
+
 # ---- one-session, connection-closed -----------------------------------------------------------------
 
 def test_model_services_keep_one_session():

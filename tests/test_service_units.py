@@ -406,6 +406,76 @@ def test_coalesce_sends_what_arrived_meanwhile_in_one_call_in_order():
     assert calls == [["a"], ["bb", "ccc", "dddd"]]  # the first alone (no wait), the rest together
 
 
+def test_coalesce_caps_a_call_and_drops_callers_that_left():
+    calls = []
+
+    async def score(texts):
+        calls.append(list(texts))
+        await asyncio.sleep(0.02)
+        return [len(t) for t in texts]
+
+    async def main():
+        c = batching.Coalesce(score, max_items=3)
+        first = asyncio.ensure_future(c(["a"]))
+        await asyncio.sleep(0.001)
+        gone = asyncio.ensure_future(c(["gone"]))
+        rest = [asyncio.ensure_future(c(x)) for x in (["bb", "ccc"], ["dddd"], ["e" * 5, "f" * 6, "g" * 7, "h" * 8])]
+        await asyncio.sleep(0.001)
+        gone.cancel()  # left before its call: never sent
+        return [await first, *await asyncio.gather(*rest)]
+
+    assert asyncio.run(main()) == [[1], [2, 3], [4], [5, 6, 7, 8]]
+    # at most 3 texts a call, unless one caller's list alone is longer; order kept
+    assert calls == [["a"], ["bb", "ccc", "dddd"], ["eeeee", "ffffff", "ggggggg", "hhhhhhhh"]]
+
+
+def test_coalesce_depth_two_sends_the_next_call_while_one_runs():
+    calls, running = [], []
+
+    async def score(texts):
+        calls.append((list(texts), len(running)))
+        running.append(1)
+        await asyncio.sleep(0.2 if texts == ["bb"] else 0.02)  # "bb"'s call outlasts the first one's
+        running.pop()
+        return [len(t) for t in texts]
+
+    async def main():
+        c = batching.Coalesce(score, depth=2)
+        first = asyncio.ensure_future(c(["a"]))
+        await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(c(["bb"]))  # goes at once: one call under way, two allowed
+        await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(c(["ccc"])), asyncio.ensure_future(c(["dddd"]))]  # wait for a free call
+        return [await first, await second, *await asyncio.gather(*rest)]
+
+    assert asyncio.run(main()) == [[1], [2], [3], [4]]
+    assert calls == [(["a"], 0), (["bb"], 1), (["ccc", "dddd"], 1)]
+
+
+def test_coalesce_cancels_a_call_nobody_waits_for():
+    started, finished = [], []
+
+    async def score(texts):
+        started.append(list(texts))
+        await asyncio.sleep(0.05)
+        finished.append(list(texts))
+        return [0.5] * len(texts)
+
+    async def main():
+        c = batching.Coalesce(score)
+        a, b = asyncio.ensure_future(c(["a"])), asyncio.ensure_future(c(["b"]))
+        await asyncio.sleep(0.01)  # one call carrying both is under way
+        a.cancel()
+        await asyncio.sleep(0.001)
+        assert len(started) == 1 and not finished  # b still waits: the call goes on
+        b.cancel()
+        await asyncio.sleep(0.1)
+        return await c(["c"])  # the coalescer still serves
+
+    assert asyncio.run(main()) == [0.5]
+    assert started == [["a", "b"], ["c"]] and finished == [["c"]]  # the abandoned call stopped
+
+
 def test_model_threads_default_to_half_of_the_cores_a_container_may_use(tmp_path, monkeypatch):
     from service import settings as S
 
