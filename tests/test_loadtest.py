@@ -239,3 +239,17 @@ def test_reviews_benchmark_report_puts_both_modes_side_by_side():
     assert "| 16 clients: accepted reviews/s | 10.0 | 20.0 | 2.0 |" in report
     assert "| lone /reviews n 3, p50 ms | 300.0 | 150.0 | 0.5 |" in report and "pipeline 100.0" in report
     assert parse_args(["--smoke"]).user_list == [1, 4]
+
+
+@pytest.mark.slow
+def test_process_cpu_names_each_server_process(exported, export_data_dir):
+    """loadtests.process_cpu on the tiny models: requests/s and CPU per request of each server process."""
+    proc = subprocess.run([sys.executable, "-m", "loadtests.process_cpu", "--artifacts", str(exported), "--users", "2",
+                           "--duration", "1.5", "--warmup", "0.5", "--data-dir", str(export_data_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    step = next(line for line in lines if "clients:" in line)
+    assert step.split()[0] == "2" and float(step.split()[2]) > 0
+    assert any("glowing-scorer" in line and "CPU-ms/request" in line for line in lines)
+    assert any("glowing (API)" in line for line in lines)
