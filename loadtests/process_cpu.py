@@ -70,7 +70,7 @@ async def step(url: str, texts: list[str], users: int, duration: float, warmup: 
         wall = time.monotonic() - started
         after = {p: cpu_seconds(p) for p in pids}
     n = max(1, done)
-    rows = {role(p): (after[p] - before[p]) for p in pids if after[p] - before[p] > 0.01}
+    rows = {role(p): (after[p] - before[p]) for p in pids if after[p] - before[p] > 0.005 * wall}  # idle ones left out
     return {"users": users, "req_s": done / duration, "client_ms": 1000 * (time.process_time() - mine) / n,
             "processes": {name: {"ms_per_request": 1000 * cpu / n, "core_share": cpu / wall}
                           for name, cpu in rows.items()}}
