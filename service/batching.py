@@ -79,9 +79,8 @@ def decorator(max_batch_size: int, max_latency_ms: int) -> dict:
 class Coalesce:
     """``await coalesce(texts)``: at most ``depth`` calls of ``call`` at a time, each carrying every list that
     arrived while the previous ones ran, up to ``max_items`` items (a longer list goes alone); no wait
-    when idle. Under load
-    this turns many small calls to the scorer service into a few larger ones: the scorer's process
-    spends most of its time on each HTTP request, not on the model (docs/SERVING.md).
+    when idle. Under load this turns many small calls to the scorer service into a few larger ones:
+    the scorer's process spent most of its time on each HTTP request, not on the model (docs/SERVING.md).
 
     A caller that goes away (cancelled) leaves: its list is dropped if it was not sent yet, and the
     call in flight is cancelled when nobody is left waiting for it."""
@@ -128,9 +127,12 @@ class Coalesce:
                 try:
                     results = await call
                 except asyncio.CancelledError:
+                    for _, future in taken:  # abandoned by all of its callers, or cancelled from elsewhere
+                        if not future.done():
+                            future.set_exception(RuntimeError("the scoring call was cancelled"))
                     if asyncio.current_task().cancelling():
                         raise  # the drain itself was cancelled (the loop is closing)
-                    continue  # the call was abandoned by all of its callers
+                    continue
                 except Exception as err:
                     for _, future in taken:
                         if not future.done():

@@ -43,8 +43,9 @@ positional argument), and parses and validates the body itself: ``api`` gives th
 service/admission.py validated (``VALIDATED`` in the ASGI scope) and puts keyword calls (BentoML's, or
 in-process ones: ``svc.score(texts=[...])``) back into the model without validating them again.
 
-The three patches (``timeout-timers``, ``abandoned-streams``, ``schema-per-response``) replace BentoML code with copies of
-``TESTED``'s: on another release they are left off (a copy could undo its fixes) and a warning says so.
+The three patches (``timeout-timers``, ``abandoned-streams``, ``schema-per-response``) replace or wrap
+BentoML code as ``TESTED`` has it: on another release they are left off (a copy could undo its fixes)
+and a warning says so.
 The other workarounds are values and readers that are harmless on any release.
 """
 
@@ -75,8 +76,8 @@ def apply() -> bool:
 
     if not supported():
         log.warning("service/bentoml_compat.py: written for BentoML %s, running %s: its patches (timeout-timers, "
-                    "abandoned-streams, schema-per-response) are left off; run tests/test_bentoml_compat.py to see which workarounds "
-                    "are still needed", TESTED, bentoml.__version__)
+                    "abandoned-streams, schema-per-response) are left off; run tests/test_bentoml_compat.py to see "
+                    "which workarounds are still needed", TESTED, bentoml.__version__)
         return False
     _patch_timeout_timers()
     _patch_abandoned_streams()

@@ -137,7 +137,7 @@ class Glowing:
         self.metrics = metrics.get()
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
         self._acceptance: dict[float, float] = {}  # min_positive (to 0.1) -> recent acceptance rate (/reviews)
-        self._coalesce = None  # scoring calls to the scorer, one at a time (made on the first, in the event loop)
+        self._coalesce = None  # calls to the scorer, coalesced (made on the first, in the event loop)
 
     @bentoml.on_deployment
     def preflight() -> None:

@@ -429,6 +429,18 @@ def test_coalesce_caps_a_call_and_drops_callers_that_left():
     assert calls == [["a"], ["bb", "ccc", "dddd"], ["eeeee", "ffffff", "ggggggg", "hhhhhhhh"]]
 
 
+def test_coalesce_a_call_cancelled_from_elsewhere_fails_its_callers():
+    async def score(texts):
+        raise asyncio.CancelledError  # as a client library might, cancelled under the caller
+
+    async def main():
+        c = batching.Coalesce(score)
+        with pytest.raises(RuntimeError, match="scoring call was cancelled"):
+            await asyncio.wait_for(c(["a"]), 5)  # an error, not a wait for ever
+
+    asyncio.run(main())
+
+
 def test_coalesce_depth_two_sends_the_next_call_while_one_runs():
     calls, running = [], []
 
