@@ -5,20 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from glowing.runtime.sampling import SamplingSettings, make_rng, next_tokens, next_tokens_per_row, sample_row
+from glowing.runtime.sampling import (SamplingSettings, _top_k_plus_one, make_rng, next_tokens, next_tokens_per_row,
+                                      sample_row)
 
 VOCAB = 512
 
 
-def _logits(rng: np.random.Generator, rows: int, kind: str) -> np.ndarray:
+def _logits(rng: np.random.Generator, rows: int, kind: str, vocab: int = VOCAB) -> np.ndarray:
     if kind == "normal":
-        return (rng.standard_normal((rows, VOCAB)) * 3).astype(np.float32)
+        return (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     if kind == "peaked":  # a model sure of itself: one token far ahead
-        x = rng.standard_normal((rows, VOCAB)).astype(np.float32)
-        x[np.arange(rows), rng.integers(0, VOCAB, rows)] += 25
+        x = rng.standard_normal((rows, vocab)).astype(np.float32)
+        x[np.arange(rows), rng.integers(0, vocab, rows)] += 25
         return x
     if kind == "coarse":  # logits on a grid of 0.5: ties everywhere, at the top-k boundary too
-        return (np.round(rng.standard_normal((rows, VOCAB)) * 4) / 2).astype(np.float32)
+        return (np.round(rng.standard_normal((rows, vocab)) * 4) / 2).astype(np.float32)
     raise ValueError(kind)
 
 
@@ -30,15 +31,18 @@ SETTINGS = [SamplingSettings(top_k=50, top_p=0.95), SamplingSettings(top_k=50, t
                                                                                          temperature=1.7)]
 
 
+# 512: top-k 50 through a full argpartition; 8195 (16 blocks of 512 and 3 more): through the
+# block-maximum threshold (_top_k_plus_one), its last partial block too
+@pytest.mark.parametrize("vocab", [VOCAB, 8195])
 @pytest.mark.parametrize("kind", ["normal", "peaked", "coarse"])
-def test_batched_sampler_equals_sample_row_for_every_row(kind):
-    data = np.random.default_rng(hash(kind) % 2**32)
-    for step in range(30):
+def test_batched_sampler_equals_sample_row_for_every_row(kind, vocab):
+    data = np.random.default_rng(hash((kind, vocab)) % 2**32)
+    for step in range(30 if vocab == VOCAB else 12):
         rows = int(data.integers(1, 40))
         settings = [SETTINGS[int(i)] for i in data.integers(0, len(SETTINGS), rows)]
         if step % 3 == 0:  # a batch where every row shares its settings: the all-rows path
             settings = [SETTINGS[step % len(SETTINGS)]] * rows
-        logits = _logits(data, rows, kind)
+        logits = _logits(data, rows, kind, vocab)
         seeds = data.integers(0, 2**31, rows)
         batched_rngs = [make_rng(int(s)) for s in seeds]
         alone_rngs = [make_rng(int(s)) for s in seeds]
@@ -57,3 +61,23 @@ def test_a_tie_at_the_top_k_boundary_goes_through_sample_row():
     for seed in range(20):
         alone = [sample_row(logits[i], settings[i], make_rng(seed + i)) for i in range(3)]
         assert next_tokens(logits, settings, [make_rng(seed + i) for i in range(3)]).tolist() == alone
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "coarse"])
+def test_the_block_threshold_finds_the_top_k_a_full_partition_finds(kind):
+    data = np.random.default_rng(7)
+    for vocab, k in ((8192, 50), (8195, 50), (50257, 50), (8192, 1), (8192, 5)):
+        logits = _logits(data, 9, kind, vocab)
+        logits[3, vocab - 2:] = logits[3].max() + 1  # the largest in the last, partial block
+        found = _top_k_plus_one(logits, k)
+        assert found is not None, (vocab, k)  # the shortcut applies to a real vocabulary
+        tokens, tied = found
+        top = -np.sort(-logits, axis=-1)[:, : k + 1]
+        assert (tied == (top[:, k - 1] == top[:, k])).all()
+        for row in np.flatnonzero(~tied):
+            expected = np.argsort(-logits[row], kind="stable")[:k]  # most likely first, ties by token id
+            assert tokens[row].tolist() == expected.tolist()
+    nan = _logits(data, 2, "normal", 8192)
+    nan[1, :] = np.nan
+    assert _top_k_plus_one(nan, 50) is None  # NaN logits: left to the general path
+    assert _top_k_plus_one(_logits(data, 2, "normal", 512), 50) is None  # too few blocks for k

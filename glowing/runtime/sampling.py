@@ -76,8 +76,8 @@ def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
     Exactly the token ``sample_row`` gives each row (tests/test_sampling.py), computed for the
     whole batch at once: rows that share a ``top_k`` go through one vectorized top-k / top-p /
     inverse-CDF draw (``_sample_top_k``); greedy rows take an argmax; a row without top-k, or whose
-    k-th and (k+1)-th largest logits tie (where the per-row partition's choice decides), goes
-    through ``sample_row``. Each row still draws one number from its own generator.
+    k-th and (k+1)-th largest logits tie (where the per-row partition's choice decides), and a
+    group of one row, go through ``sample_row``. Each row still draws one number from its own generator.
     """
     if all(s.greedy for s in settings):
         return np.argmax(logits, axis=-1).astype(np.int64)
@@ -92,6 +92,9 @@ def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
         else:
             out[i] = sample_row(logits[i], s, rngs[i])
     for k, rows in groups.items():
+        if len(rows) == 1:  # one row: sample_row itself is quicker than the batch's dozen array calls
+            out[rows[0]] = sample_row(logits[rows[0]], settings[rows[0]], rngs[rows[0]])
+            continue
         idx = np.asarray(rows)
         sub = logits if len(rows) == n else logits[idx]
         tokens, tied, draws = _sample_top_k(sub, k, [settings[i] for i in rows], [rngs[i] for i in rows])
@@ -127,16 +130,25 @@ def _sample_top_k(logits: np.ndarray, k: int, settings: Sequence[SamplingSetting
     rows, vocab = logits.shape
     at = np.arange(rows)
     # The k largest logits (top-k on the float32 logits picks the same set as on logits / T in
-    # float64: dividing by T > 0 keeps the order, and distinct float32 values stay distinct).
-    part = np.argpartition(logits, vocab - k - 1, axis=-1)[:, vocab - k - 1 :]  # (k+1)-th largest, then the k
-    values = np.take_along_axis(logits, part, axis=-1)
-    tied = values[:, 1:].min(axis=-1) == values[:, 0]
-    tokens = np.sort(part[:, 1:], axis=-1)  # token-id order, as sample_row's np.sort
+    # float64: dividing by T > 0 keeps the order, and distinct float32 values stay distinct), most
+    # likely first, ties in token-id order; and whether the k-th and (k+1)-th largest tie.
+    top = _top_k_plus_one(logits, k)
+    if top is None:
+        part = np.argpartition(logits, vocab - k - 1, axis=-1)[:, vocab - k - 1 :]  # (k+1)-th largest, then the k
+        values = np.take_along_axis(logits, part, axis=-1)
+        tied = values[:, 1:].min(axis=-1) == values[:, 0]
+        tokens = np.sort(part[:, 1:], axis=-1)  # token-id order, as sample_row's np.sort
+        descending = False
+    else:
+        tokens, tied = top
+        descending = True
     temperature = np.fromiter((s.temperature for s in settings), dtype=np.float64, count=rows)
-    x = np.take_along_axis(logits, tokens, axis=-1).astype(np.float64) / temperature[:, None]
     top_p = np.fromiter((s.top_p for s in settings), dtype=np.float64, count=rows)
     nucleus = top_p < 1.0
-    if nucleus.any():  # most likely first, ties in token-id order; rows without top-p stay in token-id order
+    if descending and not nucleus.all():  # rows without top-p draw in token-id order, as sample_row
+        tokens[~nucleus] = np.sort(tokens[~nucleus], axis=-1)
+    x = np.take_along_axis(logits, tokens, axis=-1).astype(np.float64) / temperature[:, None]
+    if not descending and nucleus.any():  # most likely first, ties in token-id order; rows without top-p stay in token-id order
         order = np.argsort(-x, axis=-1, kind="stable")
         if not nucleus.all():
             order[~nucleus] = np.arange(k)
@@ -153,3 +165,39 @@ def _sample_top_k(logits: np.ndarray, k: int, settings: Sequence[SamplingSetting
     draw = draws * cumulative[at, keep - 1]
     index = np.minimum((cumulative <= draw[:, None]).sum(axis=-1), keep - 1)
     return tokens[at, index], tied, draws
+
+
+TOP_K_GROUPS = 16  # see _top_k_plus_one
+
+
+def _top_k_plus_one(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each row's k largest logits as token ids, most likely first, ties in token-id order, and
+    whether its k-th and (k+1)-th largest tie; None where this shortcut does not apply.
+
+    A full ``argpartition`` reads every logit through a selection; this reads them with two
+    vectorized passes instead: split each row into ``TOP_K_GROUPS`` strided slices and take their
+    elementwise maximum (one maximum per ``vocab / TOP_K_GROUPS`` "block" of logits); the (k+1)-th
+    largest block maximum is a threshold that at least k+1 logits reach (one per block above it),
+    so every one of the k+1 largest logits is at or above it. Only those few candidates (about k+5
+    per row) are then sorted, in token-id order with a stable sort, which also orders ties as
+    ``sample_row`` does."""
+    rows, vocab = logits.shape
+    blocks = vocab // TOP_K_GROUPS
+    if blocks < 2 * (k + 1):
+        return None
+    maxima = logits[:, : blocks * TOP_K_GROUPS].reshape(rows, TOP_K_GROUPS, blocks).max(axis=1)
+    if blocks * TOP_K_GROUPS < vocab:
+        maxima = np.concatenate([maxima, logits[:, blocks * TOP_K_GROUPS :].max(axis=1, keepdims=True)], axis=1)
+    at = maxima.shape[1] - k - 1
+    threshold = np.partition(maxima, at, axis=-1)[:, at]
+    row, token = np.divmod(np.flatnonzero(logits >= threshold[:, None]), vocab)
+    counts = np.bincount(row, minlength=rows)
+    if counts.min() < k + 1:  # NaN logits: the comparison fails; leave them to the general path
+        return None
+    place = np.arange(len(row)) - (np.cumsum(counts) - counts)[row]
+    ids = np.zeros((rows, counts.max()), dtype=np.int64)
+    values = np.full((rows, counts.max()), -np.inf, dtype=logits.dtype)
+    ids[row, place], values[row, place] = token, logits[row, token]
+    order = np.argsort(-values, axis=-1, kind="stable")[:, : k + 1]  # candidates are in token-id order
+    top = np.take_along_axis(values, order, axis=-1)
+    return np.take_along_axis(ids, order[:, :k], axis=-1), top[:, k - 1] == top[:, k]
