@@ -71,7 +71,8 @@ def test_the_block_threshold_finds_the_top_k_a_full_partition_finds(kind):
         logits[3, vocab - 2:] = logits[3].max() + 1  # the largest in the last, partial block
         found = _top_k_plus_one(logits, k)
         assert found is not None, (vocab, k)  # the shortcut applies to a real vocabulary
-        tokens, tied = found
+        tokens, tied, values = found
+        assert (values == np.take_along_axis(logits, tokens, axis=-1)).all()
         top = -np.sort(-logits, axis=-1)[:, : k + 1]
         assert (tied == (top[:, k - 1] == top[:, k])).all()
         for row in np.flatnonzero(~tied):

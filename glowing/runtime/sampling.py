@@ -140,14 +140,17 @@ def _sample_top_k(logits: np.ndarray, k: int, settings: Sequence[SamplingSetting
         tokens = np.sort(part[:, 1:], axis=-1)  # token-id order, as sample_row's np.sort
         descending = False
     else:
-        tokens, tied = top
+        tokens, tied, values = top
         descending = True
     temperature = np.fromiter((s.temperature for s in settings), dtype=np.float64, count=rows)
     top_p = np.fromiter((s.top_p for s in settings), dtype=np.float64, count=rows)
     nucleus = top_p < 1.0
-    if descending and not nucleus.all():  # rows without top-p draw in token-id order, as sample_row
-        tokens[~nucleus] = np.sort(tokens[~nucleus], axis=-1)
-    x = np.take_along_axis(logits, tokens, axis=-1).astype(np.float64) / temperature[:, None]
+    if descending and nucleus.all():
+        x = values.astype(np.float64) / temperature[:, None]
+    else:
+        if descending:  # rows without top-p draw in token-id order, as sample_row
+            tokens[~nucleus] = np.sort(tokens[~nucleus], axis=-1)
+        x = np.take_along_axis(logits, tokens, axis=-1).astype(np.float64) / temperature[:, None]
     if not descending and nucleus.any():  # most likely first, ties in token-id order; rows without top-p stay in token-id order
         order = np.argsort(-x, axis=-1, kind="stable")
         if not nucleus.all():
@@ -170,9 +173,9 @@ def _sample_top_k(logits: np.ndarray, k: int, settings: Sequence[SamplingSetting
 TOP_K_GROUPS = 16  # see _top_k_plus_one
 
 
-def _top_k_plus_one(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each row's k largest logits as token ids, most likely first, ties in token-id order, and
-    whether its k-th and (k+1)-th largest tie; None where this shortcut does not apply.
+def _top_k_plus_one(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Each row's k largest logits as token ids, most likely first, ties in token-id order, whether
+    its k-th and (k+1)-th largest tie, and those k logits; None where this shortcut does not apply.
 
     A full ``argpartition`` reads every logit through a selection; this reads them with two
     vectorized passes instead: split each row into ``TOP_K_GROUPS`` strided slices and take their
@@ -199,5 +202,6 @@ def _top_k_plus_one(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     values = np.full((rows, counts.max()), -np.inf, dtype=logits.dtype)
     ids[row, place], values[row, place] = token, logits[row, token]
     order = np.argsort(-values, axis=-1, kind="stable")[:, : k + 1]  # candidates are in token-id order
-    top = np.take_along_axis(values, order, axis=-1)
-    return np.take_along_axis(ids, order[:, :k], axis=-1), top[:, k - 1] == top[:, k]
+    at = np.arange(rows)[:, None]
+    top = values[at, order]
+    return ids[at, order[:, :k]], top[:, k - 1] == top[:, k], top[:, :k]
