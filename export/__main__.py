@@ -5,9 +5,11 @@
     python -m export --generator rl                                     # serve the RL-tuned generator
 
 Writes ARTIFACTS/onnx/:
-    classifier/model.onnx            fp32, task text-classification, attention fused for ORT (export/fuse.py)
+    classifier/model.onnx            fp32: the scoring graph rebuilt so that its last layer computes the pooled
+                                     position only (export/classifier_graph.py; for a classifier it does not
+                                     cover, Optimum's with attention fused for ORT, export/fuse.py)
                                      (+ tokenizer, config, max_length.txt)
-    classifier/model_quantized.onnx  dynamic int8 (CPU; --int8-isa)
+    classifier/model_quantized.onnx  dynamic int8 (CPU; --int8-isa) of that graph
     classifier/model_fp16.onnx       fp16 (GPU), float32 inputs/outputs, plain ONNX ops
     generator/model.onnx             fp32: one decoding graph with the KV cache, rebuilt on ORT's fused
                                      operators (export/decoder_graph.py; Optimum's graph for a non-GPT-2)
@@ -36,7 +38,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from export import decoder_graph, fuse, onnx_export, parity, quantize
+from export import classifier_graph, decoder_graph, fuse, onnx_export, parity, quantize
 from export.onnx_export import ExportError
 from export.labelled_reviews import ReviewDataError, load_imdb_test
 from glowing import artifacts as A
@@ -104,6 +106,9 @@ def run_export(artifacts: Path, data_dir: str | None, *, int8_sample: int = 5000
         quantize.convert_fp16(staging / A.GENERATOR, keep_io_types=False)
         heads = json.loads((staging / A.CLASSIFIER / "config.json").read_text()).get("n_head")
         fused = fuse.fuse_gpt2_attention(staging / A.CLASSIFIER / "model.onnx", heads) if heads else 0
+        log.info("rebuilding the classifier's scoring graph: its last layer at the pooled position only")
+        last_position = classifier_graph.build(onnx_export.source_dir(artifacts, A.CLASSIFIER),
+                                               staging / A.CLASSIFIER / "model.onnx")
         isa = quantize.detect_isa() if int8_isa == "auto" else int8_isa
         log.info("quantizing the classifier to dynamic int8 (%s)", isa)
         quantize.quantize_int8(staging / A.CLASSIFIER, isa)
@@ -120,6 +125,7 @@ def run_export(artifacts: Path, data_dir: str | None, *, int8_sample: int = 5000
                                 generator_source=onnx_export.source_dir(artifacts, A.GENERATOR, generator))
         report["classifier_fused_attention_layers"], report["int8_isa"] = fused, isa
         report["generator_graph"] = "fused" if rebuilt else "optimum"
+        report["classifier_graph"] = "last-position" if last_position else ("fused" if fused else "optimum")
         A.write_json_atomic(staging / "parity.json", report)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -167,7 +173,7 @@ def _record(artifacts: Path, report: dict, seconds: float, generator: str = "fin
                      "onnxruntime": onnxruntime.__version__},
         "int8_isa": report["int8_isa"], "parity": f"{A.ONNX}/parity.json",
         "classifier_fused_attention_layers": report["classifier_fused_attention_layers"],
-        "generator_graph": report["generator_graph"],
+        "generator_graph": report["generator_graph"], "classifier_graph": report["classifier_graph"],
         "generator": _served_generator(manifest, generator), "files": files}
     A.write_json_atomic(artifacts / A.MANIFEST, manifest)
     A.update_manifest(artifacts, {"metrics": {"export": metrics},

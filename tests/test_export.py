@@ -62,16 +62,22 @@ def test_generator_is_one_merged_graph_with_the_kv_cache(exported):
     assert not list((exported / "onnx" / "generator").glob("decoder_*"))
 
 
-def test_classifier_attention_is_fused_and_int8_graph_holds_integer_operators(exported):
+def test_classifier_serves_the_last_position_graph_and_int8_holds_integer_operators(exported):
+    from export import classifier_graph
+
     clf = exported / "onnx" / "classifier"
+    assert classifier_graph.is_rebuilt(clf / "model.onnx")
     fp32 = op_counts(clf / "model.onnx")
-    assert fp32.get("Attention") == 1 and "Softmax" not in fp32  # one fused layer, nothing left of the old one
+    # one layer: its keys and values at every position, one query per text; nothing of the old attention
+    assert fp32.get("MultiHeadAttention") == 1 and "Attention" not in fp32 and "Softmax" not in fp32
     assert activation_matmuls(clf / "model.onnx") == []
     ops = quantized_op_counts(clf / "model_quantized.onnx")
-    assert ops.get("QAttention") == 1 and ops.get("MatMulInteger", 0) > 0 and ops.get("DynamicQuantizeLinear", 0) > 0
+    assert ops.get("MatMulInteger", 0) > 0 and ops.get("DynamicQuantizeLinear", 0) > 0
     assert quantized_op_counts(clf / "model.onnx") == {}
     assert (clf / "model_quantized.onnx").stat().st_size < (clf / "model.onnx").stat().st_size
-    assert json.loads((exported / "onnx" / "parity.json").read_text())["classifier_fused_attention_layers"] == 1
+    report = json.loads((exported / "onnx" / "parity.json").read_text())
+    assert report["classifier_graph"] == "last-position" and report["classifier_fused_attention_layers"] == 1
+    assert json.loads((exported / "manifest.json").read_text())["onnx"]["classifier_graph"] == "last-position"
 
 
 def test_unfused_graphs_quantize_only_weight_products(tmp_path):
