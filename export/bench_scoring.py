@@ -2,6 +2,7 @@
 
     python -m export.bench_scoring --artifacts artifacts --data-dir ../shared/data     # about 4 min, 2 cores
     python -m export.bench_scoring --artifacts artifacts --fit                         # + the planner's cost model
+    python -m export.bench_scoring --artifacts artifacts --before --precisions fp32    # + the graph served before
 
 The 256 texts the load test sends to ``/score`` (``loadtests.payloads.sample``: a third each short,
 middle and long IMDB test reviews, in a seeded arrival order), scored end to end (texts in,
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -92,8 +95,31 @@ def padding(calls: list[tuple[int, int, int]]) -> dict[str, Any]:
             "call_padding_max": max(shares)}
 
 
+def fused_classifier(artifacts: Path, out: Path) -> Path:
+    """The scoring graph the export served before the last-position one (export/classifier_graph.py):
+    Optimum's export of ARTIFACTS/classifier with attention fused (export/fuse.py), in
+    OUT/fused-classifier/ beside the served folder's tokenizer and config; built once."""
+    from export import fuse, onnx_export
+
+    target = out / "fused-classifier"
+    if not (target / "model.onnx").is_file():
+        served = artifacts / "onnx" / "classifier"
+        staging = out / ".fused-classifier"
+        shutil.rmtree(staging, ignore_errors=True)
+        onnx_export.export_model(artifacts, A.CLASSIFIER, staging)
+        heads = json.loads((staging / "config.json").read_text())["n_head"]
+        if not fuse.fuse_gpt2_attention(staging / "model.onnx", heads):
+            raise RuntimeError(f"{staging / 'model.onnx'}: attention could not be fused")
+        for item in served.iterdir():  # the served tokenizer, config and max_length.txt
+            if item.is_file() and not item.name.endswith(".onnx"):
+                shutil.copy2(item, staging / item.name)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
 def bench_precision(model_dir: Path, precision: str, texts: list[str], repeats: int, threads: int | None,
-                    clock: str) -> dict[str, Any]:
+                    clock: str, label: str | None = None) -> dict[str, Any]:
     scorer = load_scorer(model_dir, "onnx", "cpu", precision, threads=threads)
     # int8 is served one text per call; its planner row batches anyway, for reference
     batched = load_scorer(model_dir, "onnx", "cpu", precision, threads=threads, batch_size=32) \
@@ -123,7 +149,7 @@ def bench_precision(model_dir: Path, precision: str, texts: list[str], repeats: 
         for row in rows.values():
             row["paired_vs_sorted"] = statistics.median(
                 a / b for a, b in zip(row["raw_ms_per_text"], rows[SORTED]["raw_ms_per_text"]))
-    out = {"precision": precision, "info": scorer.info(), "rows": rows,
+    out = {"precision": label or precision, "info": scorer.info(), "rows": rows,
            "tokens": {"mean": statistics.mean(lengths), "median": statistics.median(lengths),
                       "at_max_length": sum(x >= scorer.max_length for x in lengths)}}
     if batched is not scorer:  # how far batching moves an int8 score: why int8 stays one text per call
@@ -228,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per figure; the median is kept (default: 5)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's own, all cores)")
     ap.add_argument("--precisions", default="fp32,int8,fp16", help="comma-separated (default: fp32,int8,fp16)")
+    ap.add_argument("--before", action="store_true",
+                    help="also the scoring graph served before the last-position one (Optimum's export with "
+                         "attention fused), fp32, built once into OUT/fused-classifier/ (about 20 s)")
     ap.add_argument("--fit", action="store_true", help="also fit the planner's call cost model (about 1 min)")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
@@ -250,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
               "source": payloads["source"], "precisions": []}
     started = time.perf_counter()
     try:
+        if args.before:  # first: the table's ratios are to its first row's length-sorted figure
+            before = fused_classifier(Path(args.artifacts), Path(args.out))
+            report["precisions"].append(bench_precision(before, "fp32", payloads["texts"], args.repeats,
+                                                        args.threads, "wall", label="fp32, fused (before)"))
+            log.info("fp32 before done after %.0f s", time.perf_counter() - started)
         for precision in precisions:
             report["precisions"].append(bench_precision(model_dir, precision, payloads["texts"], args.repeats,
                                                         args.threads, "wall"))

@@ -173,13 +173,16 @@ def test_scoring_bench_runs_every_grouping_and_fits_the_cost_model(exported, exp
 
     out = tmp_path / "bench"
     assert bench_scoring(["--artifacts", str(exported), "--data-dir", str(export_data_dir), "--out", str(out),
-                          "--repeats", "1", "--fit"]) == 0
+                          "--repeats", "1", "--fit", "--before"]) == 0
     report = json.loads((out / "bench_scoring.json").read_text())
-    assert [r["precision"] for r in report["precisions"]] == ["fp32", "int8", "fp16"]
+    assert [r["precision"] for r in report["precisions"]] == ["fp32, fused (before)", "fp32", "int8", "fp16"]
+    from export import classifier_graph
+    assert not classifier_graph.is_rebuilt(out / "fused-classifier" / "model.onnx")
+    assert classifier_graph.is_rebuilt(exported / "onnx" / "classifier" / "model.onnx")
     for result in report["precisions"]:
-        assert tuple(result["rows"]) == CONTENDERS[result["precision"]]
+        assert tuple(result["rows"]) == CONTENDERS[result["precision"].split(",")[0]]
         assert all(row["ms_per_text"] > 0 and 0 <= row["padding_share"] < 1 for row in result["rows"].values())
-    rows = report["precisions"][0]["rows"]
+    rows = report["precisions"][1]["rows"]
     assert rows["one text per call"]["padding_share"] == 0 and rows["one text per call"]["calls"] == 256
     assert rows["arrival 16, one call each (main)"]["calls"] == 16
     assert report["fit"]["call_overhead_positions"] > 0
