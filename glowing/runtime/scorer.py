@@ -25,10 +25,11 @@ HEAD_MARGIN = 4  # tokens past max_length that a cut head must still produce
 # The planner's cost model, in positions: what a model call costs beyond the positions it computes,
 # and the padded length at which attention doubles a position's cost. Fitted to timed calls of the
 # cpu-preset classifier on this kind of machine (`python -m export.bench_scoring --fit`;
-# docs/EXPORT.md, "Length-aware scoring calls"). With either off by a factor of two, the plans of the load test's
-# texts cost under 1% more under the true figures.
-CALL_OVERHEAD = 16
-ATTENTION_SPAN = 512
+# docs/EXPORT.md, "Length-aware scoring calls"): with the export's last-position graph
+# (export/classifier_graph.py) a call costs about 80 positions and no attention term shows (its last
+# layer attends from one position); the fused graph before it fitted 16 and 512.
+CALL_OVERHEAD = 80
+ATTENTION_SPAN = 4096
 # Padded positions per model call by default (TEI's max_batch_tokens, counted as padded models count)
 MAX_BATCH_TOKENS = 8192
 
