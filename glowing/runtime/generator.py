@@ -94,7 +94,7 @@ class Generator:
     def encode(self, prompts: list[str], rows: list[SamplingSettings]) -> tuple[list[list[int]], list[int]]:
         """Prompt ids, cut from the left so that prompt + new tokens fit the model's context."""
         texts = [generation_prompt(p, self._codec.bos_token) for p in prompts]
-        encodings = self._codec.tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = self._codec.encode_batch(texts, add_special_tokens=False)
         ids, max_new = [], []
         for enc, s in zip(encodings, rows):
             new = min(s.max_new_tokens, self.n_positions - 1)

@@ -75,10 +75,10 @@ class Scorer:
         texts = [normalize(t) for t in texts]
         limit = self.max_length * HEAD_CHARS_PER_TOKEN
         heads = [_head(t, limit) for t in texts]
-        encodings = self._codec.tokenizer.encode_batch(heads)
+        encodings = self._codec.encode_batch(heads)
         redo = [i for i, (text, head, enc) in enumerate(zip(texts, heads, encodings))
                 if len(head) < len(text) and sum(len(o.ids) for o in enc.overflowing) < HEAD_MARGIN]
-        for i, enc in zip(redo, self._codec.tokenizer.encode_batch([texts[i] for i in redo])):
+        for i, enc in zip(redo, self._codec.encode_batch([texts[i] for i in redo])):
             encodings[i] = enc
         # An empty text may encode to nothing without an end-of-text post-processor.
         empty = [self._codec.eos_id if self._codec.eos_id is not None else self._codec.pad_id]
