@@ -18,6 +18,13 @@ and says which workaround to delete. After an upgrade, run ``pytest tests/test_b
   type (the model services' ``list[float]``), is found by building the type's whole JSON schema with a new
   pydantic ``TypeAdapter``, again for every response (``IOMixin.mime_type``): a tenth of the scorer
   process's request handling under load (docs/SERVING.md). Patched: computed once per class.
+- ``unsampled-spans``: BentoML's sampler records every span it does not sample (``RECORD_ONLY``, its
+  ``ParentBasedTraceIdRatio``), at the default ``tracing.sample_rate`` of 0 too: OpenTelemetry's ASGI
+  middleware builds a recorded span for each request and for each message it sends or receives (every
+  streamed event), with their attribute and event lists, and nothing ever exports them: about a tenth
+  of the API process's CPU under /score load (docs/SERVING.md). Patched: at a sample rate of 0 an
+  unsampled span is not recorded (its trace and span ids still exist, for the logs); a caller that
+  sampled the trace (``traceparent``) is still honoured, and any rate above 0 keeps BentoML's sampler.
 - ``one-session``: its client to a model service replaces its HTTP session every 100 requests and every
   300 s and closes the old one under the requests still in flight: under load some failed and had to be
   retried, and some never got their answer (a 504 after the whole timeout; docs/LOADTESTS.md,
@@ -43,7 +50,7 @@ positional argument), and parses and validates the body itself: ``api`` gives th
 service/admission.py validated (``VALIDATED`` in the ASGI scope) and puts keyword calls (BentoML's, or
 in-process ones: ``svc.score(texts=[...])``) back into the model without validating them again.
 
-The three patches (``timeout-timers``, ``abandoned-streams``, ``schema-per-response``) replace or wrap
+The four patches (``timeout-timers``, ``abandoned-streams``, ``schema-per-response``, ``unsampled-spans``) replace or wrap
 BentoML code as ``TESTED`` has it: on another release they are left off (a copy could undo its fixes)
 and a warning says so.
 The other workarounds are values and readers that are harmless on any release.
@@ -76,12 +83,13 @@ def apply() -> bool:
 
     if not supported():
         log.warning("service/bentoml_compat.py: written for BentoML %s, running %s: its patches (timeout-timers, "
-                    "abandoned-streams, schema-per-response) are left off; run tests/test_bentoml_compat.py to see "
+                    "abandoned-streams, schema-per-response, unsampled-spans) are left off; run tests/test_bentoml_compat.py to see "
                     "which workarounds are still needed", TESTED, bentoml.__version__)
         return False
     _patch_timeout_timers()
     _patch_abandoned_streams()
     _patch_schema_per_response()
+    _patch_unsampled_spans()
     return True
 
 
@@ -168,6 +176,31 @@ def _patch_schema_per_response() -> None:
         return known[cls]
 
     IOMixin.mime_type = classmethod(mime_type)
+
+
+# ---- unsampled-spans -------------------------------------------------------------------------------
+
+def _patch_unsampled_spans() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+    from bentoml._internal.utils import telemetry
+
+    if "ParentBasedTraceIdRatio" in ORIGINAL:
+        return
+    original = ORIGINAL.setdefault("ParentBasedTraceIdRatio", telemetry.ParentBasedTraceIdRatio)
+
+    class ParentBasedTraceIdRatio(original):  # read by BentoML when it makes its tracer provider
+        def __init__(self, rate: float):
+            if rate > 0:
+                super().__init__(rate)
+                return
+            # A span nobody samples is not recorded: its ids still exist (logs keep their trace id),
+            # its attributes and events are not built. A caller that sampled the trace is still honoured.
+            ParentBased.__init__(self, root=ALWAYS_OFF, remote_parent_sampled=ALWAYS_ON,
+                                 remote_parent_not_sampled=ALWAYS_OFF, local_parent_sampled=ALWAYS_ON,
+                                 local_parent_not_sampled=ALWAYS_OFF)
+
+    telemetry.ParentBasedTraceIdRatio = ParentBasedTraceIdRatio
 
 
 # ---- one-session, connection-closed -----------------------------------------------------------------

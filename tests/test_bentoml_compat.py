@@ -156,6 +156,54 @@ def test_upstream_builds_a_json_schema_for_every_response(monkeypatch):
     assert built == 5, fixed_upstream("schema-per-response", "builds a JSON schema to find each answer's media type")
 
 
+# ---- unsampled-spans ---------------------------------------------------------------------------------
+
+def _spans(sampler_class, rate: float, traceparent: str | None = None) -> tuple[bool, bool, int, bool]:
+    """A tracer provider made as BentoML makes it (its sampler at this rate): whether a request's span
+    and a child span are recorded, the request span's trace id, and whether it is sampled."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    tracer = TracerProvider(sampler=sampler_class(rate)).get_tracer("glowing-test")
+    context = TraceContextTextMapPropagator().extract({"traceparent": traceparent}) if traceparent else None
+    with tracer.start_as_current_span("request", context=context) as span:
+        with tracer.start_as_current_span("http send") as child:
+            ids = span.get_span_context()
+            return span.is_recording(), child.is_recording(), ids.trace_id, ids.trace_flags.sampled
+
+
+def test_spans_nobody_samples_are_not_recorded_but_keep_their_ids():
+    from bentoml._internal.utils import telemetry
+
+    compat.apply()
+    patched = telemetry.ParentBasedTraceIdRatio
+    recorded, child, trace_id, sampled = _spans(patched, 0.0)
+    assert not recorded and not child and not sampled and trace_id != 0  # logs still get a trace id
+    assert _spans(patched, 1.0)[:2] == (True, True)  # a sample rate set: BentoML's own sampler
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"  # an upstream that sampled the trace
+    recorded, child, trace_id, sampled = _spans(patched, 0.0, caller)
+    assert recorded and child and sampled and trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+def test_upstream_records_every_span_at_sample_rate_zero():
+    compat.apply()
+    recorded, child, _, sampled = _spans(compat.ORIGINAL["ParentBasedTraceIdRatio"], 0.0)
+    assert not sampled
+    assert recorded and child, fixed_upstream("unsampled-spans", "records the spans it never samples")
+
+
+@pytest.mark.slow
+def test_bentoml_makes_its_tracer_provider_with_the_patched_sampler():
+    import subprocess
+    import sys
+
+    code = ("from service import bentoml_compat as c; c.apply(); "
+            "from bentoml._internal.configuration.containers import BentoMLContainer as B; "
+            "s = B.tracer_provider.get().sampler; print(type(s).__module__, s.should_sample(None, 7, 'x').decision)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["service.bentoml_compat", "Decision.DROP"], out.stdout + out.stderr
+
+
 # ---- one-session, connection-closed -----------------------------------------------------------------
 
 def test_model_services_keep_one_session():
