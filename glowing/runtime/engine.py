@@ -59,10 +59,11 @@ STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 MAX_COHORTS = 4  # running batches at most, each one model call per step
 WAITING_SERVED_RATIO = 1.2  # as TGI's waiting_served_ratio (see _admit)
 # What a model call costs beyond its positions, in positions (rows x width) of decoding: cohorts merge
-# when the padding a merge adds is cheaper than the call it saves. Chosen by racing values under 16
-# closed-loop clients (`python -m loadtests.engine_inprocess --call-positions ...`, docs/SERVING.md):
-# with the export's fused decoding graph a call is cheap and attention over a wide cohort is not.
-CALL_POSITIONS = 512
+# when the padding a merge adds is cheaper than the call it saves. Chosen by racing values under 16 and
+# 32 closed-loop clients (`python -m loadtests.engine_inprocess --call-positions ...`, docs/SERVING.md):
+# with the export's fused decoding graph a call is cheap and attention over a wide cohort is not
+# (256 beat 512 by 4-7% in four races; 128 tied with 256).
+CALL_POSITIONS = 256
 # Rows that end stay in their cohort's arrays, fed padding and ignored, until they are this share of
 # it: cutting them out copies the whole KV cache, which costs as much as many steps of a dead row
 # (a row finishing every step or two of a 64-row batch made the copies a tenth of the engine's time).
