@@ -102,17 +102,15 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     def layer_scale(i: int) -> float:
         return float(scale / (i + 1) if config.get("scale_attn_by_inverse_layer_idx") else scale)
 
-    def mlp_and_norm(p: str, normed: str, residual: str, next_ln: str, suffix: str = "") -> tuple[str, str]:
-        up, = op("MatMul", [normed, const(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [p + "mlp.up" + suffix])
-        act, = op(activation, [up, const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [p + "mlp.act" + suffix])
-        down, = op("MatMul", [act, const(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])],
-                   [p + "mlp.down" + suffix])
+    def mlp_and_norm(p: str, normed: str, residual: str, next_ln: str) -> tuple[str, str]:
+        up, = op("MatMul", [normed, const(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [p + "mlp.up"])
+        act, = op(activation, [up, const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [p + "mlp.act"])
+        down, = op("MatMul", [act, const(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])], [p + "mlp.down"])
         out, _, _, res = op("SkipLayerNormalization",
                             [down, residual, const(next_ln + ".weight", w[next_ln + ".weight"]),
                              const(next_ln + ".bias", w[next_ln + ".bias"]),
                              const(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"])],
-                            [next_ln + suffix, next_ln + ".mean" + suffix, next_ln + ".inv_std" + suffix,
-                             p + "residual.mlp" + suffix], epsilon=eps)
+                            [next_ln, next_ln + ".mean", next_ln + ".inv_std", p + "residual.mlp"], epsilon=eps)
         return out, res
 
     inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch_size", "sequence_length"]),
