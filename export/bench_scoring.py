@@ -98,11 +98,20 @@ def padding(calls: list[tuple[int, int, int]]) -> dict[str, Any]:
 def fused_classifier(artifacts: Path, out: Path) -> Path:
     """The scoring graph the export served before the last-position one (export/classifier_graph.py):
     Optimum's export of ARTIFACTS/classifier with attention fused (export/fuse.py), in
-    OUT/fused-classifier/ beside the served folder's tokenizer and config; built once."""
+    OUT/fused-classifier/ beside the served folder's tokenizer and config; built once per weights file
+    (its sha256 kept in OUT/fused-classifier/weights.sha256)."""
     from export import fuse, onnx_export
+    from glowing.runtime.files import TORCH_WEIGHTS
 
     target = out / "fused-classifier"
-    if not (target / "model.onnx").is_file():
+    source = next((artifacts / A.CLASSIFIER / n for n in TORCH_WEIGHTS if (artifacts / A.CLASSIFIER / n).is_file()),
+                  None)
+    if source is None:
+        raise ModelFileError(artifacts / A.CLASSIFIER, "no trained weights to export the fused graph from",
+                             f"build them with `python -m training --out {artifacts}`")
+    digest = A.sha256_file(source)
+    stamp = target / "weights.sha256"
+    if not (target / "model.onnx").is_file() or not stamp.is_file() or stamp.read_text().strip() != digest:
         served = artifacts / "onnx" / "classifier"
         staging = out / ".fused-classifier"
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,6 +122,7 @@ def fused_classifier(artifacts: Path, out: Path) -> Path:
         for item in served.iterdir():  # the served tokenizer, config and max_length.txt
             if item.is_file() and not item.name.endswith(".onnx"):
                 shutil.copy2(item, staging / item.name)
+        (staging / "weights.sha256").write_text(digest + "\n")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target

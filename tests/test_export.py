@@ -178,6 +178,8 @@ def test_scoring_bench_runs_every_grouping_and_fits_the_cost_model(exported, exp
     assert [r["precision"] for r in report["precisions"]] == ["fp32, fused (before)", "fp32", "int8", "fp16"]
     from export import classifier_graph
     assert not classifier_graph.is_rebuilt(out / "fused-classifier" / "model.onnx")
+    assert (out / "fused-classifier" / "weights.sha256").read_text().strip() == sha256_file(
+        exported / "classifier" / "model.safetensors")  # rebuilt when the trained weights change
     assert classifier_graph.is_rebuilt(exported / "onnx" / "classifier" / "model.onnx")
     for result in report["precisions"]:
         assert tuple(result["rows"]) == CONTENDERS[result["precision"].split(",")[0]]
