@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export import decoder_graph
 from export.decoder_graph import ACTIVATIONS, IR_VERSION
-from export.decoder_graph import supported as decoder_supported
 
 log = logging.getLogger(__name__)
 GRAPH_NAME = "glowing-gpt2-classifier-last-position"
@@ -37,7 +37,7 @@ CONTRIB = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "FastGel
 
 def supported(config: dict) -> str | None:
     """None when ``config`` is a GPT-2 sequence classifier this builder rebuilds, else why not."""
-    reason = decoder_supported(config)
+    reason = decoder_graph.supported(config)
     if reason:
         return reason
     if "GPT2ForSequenceClassification" not in (config.get("architectures") or []):
@@ -53,20 +53,12 @@ def build(model_dir: Path, out: Path) -> bool:
     if reason:
         log.warning("classifier %s: %s; serving the fused Optimum graph", model_dir, reason)
         return False
-    import onnx
-
-    model = _graph(config, _weights(model_dir))
-    onnx.checker.check_model(model)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(model, tmp)
-    tmp.replace(out)
+    decoder_graph.save(_graph(config, _weights(model_dir)), out)
     return True
 
 
 def is_rebuilt(path: Path) -> bool:
-    import onnx
-
-    return onnx.load(path, load_external_data=False).graph.name == GRAPH_NAME
+    return decoder_graph.is_rebuilt(path, GRAPH_NAME)
 
 
 def _weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -101,6 +93,17 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
 
     def layer_scale(i: int) -> float:
         return float(scale / (i + 1) if config.get("scale_attn_by_inverse_layer_idx") else scale)
+
+    def project_and_norm(p: str, attended: str, residual: str) -> tuple[str, str]:
+        projected, = op("MatMul", [attended, const(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])],
+                        [p + "attn.out"])
+        normed, _, _, residual = op("SkipLayerNormalization",
+                                    [projected, residual, const(p + "ln_2.weight", w[p + "ln_2.weight"]),
+                                     const(p + "ln_2.bias", w[p + "ln_2.bias"]),
+                                     const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
+                                    [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"],
+                                    epsilon=eps)
+        return normed, residual
 
     def mlp_and_norm(p: str, normed: str, residual: str, next_ln: str) -> tuple[str, str]:
         up, = op("MatMul", [normed, const(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [p + "mlp.up"])
@@ -152,14 +155,7 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
         attended, = op("Attention", [normed, const(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"]),
                                      const(p + "attn.c_attn.bias", w[p + "attn.c_attn.bias"]), mask],
                        [p + "attn"], num_heads=heads, unidirectional=1, scale=layer_scale(i))
-        projected, = op("MatMul", [attended, const(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])],
-                        [p + "attn.out"])
-        normed, _, _, residual = op("SkipLayerNormalization",
-                                    [projected, residual, const(p + "ln_2.weight", w[p + "ln_2.weight"]),
-                                     const(p + "ln_2.bias", w[p + "ln_2.bias"]),
-                                     const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
-                                    [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"],
-                                    epsilon=eps)
+        normed, residual = project_and_norm(p, attended, residual)
         normed, residual = mlp_and_norm(p, normed, residual, f"h.{i + 1}.ln_1")
 
     # the last layer: keys and values at every position, everything else at the pooled one
@@ -177,13 +173,7 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     q, = op("MatMul", [query_in, const(p + "attn.q.weight", weight[:, :hidden])], [p + "q"])
     attended, = op("MultiHeadAttention", [q, k, v, const(p + "attn.c_attn.bias", bias), key_mask],
                    [p + "attn"], num_heads=heads, scale=layer_scale(layers - 1))
-    projected, = op("MatMul", [attended, const(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])],
-                    [p + "attn.out"])
-    normed, _, _, residual = op("SkipLayerNormalization",
-                                [projected, residual_p, const(p + "ln_2.weight", w[p + "ln_2.weight"]),
-                                 const(p + "ln_2.bias", w[p + "ln_2.bias"]),
-                                 const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
-                                [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"], epsilon=eps)
+    normed, residual = project_and_norm(p, attended, residual_p)
     final, _ = mlp_and_norm(p, normed, residual, "ln_f")
     scores, = op("MatMul", [final, const("score.weight.T", w["score.weight"].T)], ["scores"])
     op("Squeeze", [scores, axis1], ["logits"])

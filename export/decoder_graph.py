@@ -56,12 +56,18 @@ def build(model_dir: Path, out: Path) -> bool:
         return False
     import onnx
 
-    model = _graph(config, _weights(model_dir))
+    save(_graph(config, _weights(model_dir)), out)
+    return True
+
+
+def save(model, out: Path) -> None:
+    """Check ``model`` and write it to ``out`` atomically (a reader never sees half a file)."""
+    import onnx
+
     onnx.checker.check_model(model)
     tmp = out.with_name(f".{out.name}.tmp")
     onnx.save(model, tmp)
     tmp.replace(out)
-    return True
 
 
 def _weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -156,8 +162,8 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     return model
 
 
-def is_rebuilt(path: Path) -> bool:
-    """Whether ``path`` holds this module's graph (not Optimum's)."""
+def is_rebuilt(path: Path, name: str = GRAPH_NAME) -> bool:
+    """Whether ``path`` holds the graph this module (or ``export.classifier_graph``: ``name``) wrote."""
     import onnx
 
-    return onnx.load(path, load_external_data=False).graph.name == GRAPH_NAME
+    return onnx.load(path, load_external_data=False).graph.name == name
