@@ -38,7 +38,7 @@ import time
 from urllib.parse import urlparse
 
 import gevent
-from locust import HttpUser, between, constant, events, task
+from locust import FastHttpUser, between, constant, events, task
 from locust.rpc import Message
 from locust.runners import STATE_STOPPED, MasterRunner, WorkerRunner
 
@@ -144,18 +144,20 @@ def _check(resp) -> None:
     elif resp.status_code == 503:
         resp.failure("shed (503)")
     else:
-        resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
 
 
-class _GlowingUser(HttpUser):
+class _GlowingUser(FastHttpUser):
+    """Locust's geventhttpclient user, not its ``requests`` one: the load generator shares the server's
+    cores here, and ``HttpUser`` cost about three times the CPU per request (docs/LOADTESTS.md)."""
     abstract = True
     wait_time = _wait_time()
+    network_timeout = connection_timeout = 600.0  # a /reviews under heavy load may take minutes
+    default_headers = {"Authorization": f"Bearer {os.environ['GLOWING_API_KEY']}"} \
+        if os.environ.get("GLOWING_API_KEY") else None
 
     def on_start(self):
         self.rng = random.Random(id(self))
-        key = os.environ.get("GLOWING_API_KEY", "")
-        if key:
-            self.client.headers["Authorization"] = f"Bearer {key}"
 
 
 class ScoreUser(_GlowingUser):
