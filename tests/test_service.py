@@ -5,6 +5,7 @@ test_service_http.py for the served stack)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 
@@ -24,10 +25,13 @@ def svc(exported):
 
     from service.service import Glowing
 
+    frozen = []  # each service freezes its start-up heap (service/loading.py freeze_heap)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GLOWING_ARTIFACTS", str(exported))
+        mp.setattr(loading, "freeze_heap", lambda: frozen.append(gc.get_count()))
         instance = Glowing()
         _ = instance.scorer, instance.generator  # load both models now, with this environment
+        assert len(frozen) == 3, frozen
         yield instance
     asyncio.run(cleanup())  # bentoml.depends caches the instances on the class
 

@@ -518,3 +518,28 @@ def test_int8_precisions_are_refused_on_cuda_at_start_up():
         with pytest.raises(ValueError, match=f"GLOWING_{field.upper()}=int8 is the CPU format"):
             get_settings(device="cuda", **{field: "int8"})
     assert get_settings(generator_precision="int8").generator_precision == "int8"
+
+
+def test_freeze_heap_takes_the_start_up_heap_out_of_the_collector_and_still_collects_later_garbage():
+    import gc
+    import weakref
+
+    from service import loading
+
+    class Node:
+        pass
+
+    kept = Node()
+    kept.self = kept  # a cycle alive at start-up: frozen, never walked again
+    try:
+        loading.freeze_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for o in gc.get_objects())  # out of every generation the collector walks
+        later = Node()
+        later.self = later  # garbage made after start-up is collected as before
+        gone = weakref.ref(later)
+        del later
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
