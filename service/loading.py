@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from glowing import artifacts as A
 from glowing.runtime.files import TORCH_WEIGHTS
@@ -125,14 +126,39 @@ def load(kind: str, settings: Settings):
     return model
 
 
-def freeze_heap() -> None:
+def freeze_heap(on_full_collection: Callable[[float], None] | None = None) -> None:
     """Collect once, then move every object alive at the end of start-up (modules, the model, the app)
     out of the collector's reach (``gc.freeze``), as vLLM's engine does after its start-up. Without it,
     under load a served process ran a full collection about every 0.7 s, each walking that whole heap
     for 80 ms with the GIL held and finding nothing: every request in flight waited it out
-    (docs/SERVING.md, "Garbage collection"). Objects made later are collected as before."""
+    (docs/SERVING.md, "What the processes spend besides the models"). Objects made later are
+    collected as before. ``on_full_collection(seconds)``: called after every full (generation 2)
+    collection of this process from now on, the one made here included (the metric of those pauses)."""
+    global _on_full_collection
+    if _on_full_collection in gc.callbacks:  # once per process: a test builds the services again
+        gc.callbacks.remove(_on_full_collection)
+    _on_full_collection = _full_collection_timer(on_full_collection) if on_full_collection else None
+    if _on_full_collection:
+        gc.callbacks.append(_on_full_collection)
     gc.collect()
     gc.freeze()
+
+
+_on_full_collection = None
+
+
+def _full_collection_timer(report: Callable[[float], None]):
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if info["generation"] != 2:  # the cheap, frequent ones: nothing to do
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            report(time.perf_counter() - started[0])
+
+    return callback
 
 
 def _trained(manifest: dict, kind: str, settings: Settings) -> str | None:

@@ -56,7 +56,7 @@ class ScorerService:
         self.model = loading.load(A.CLASSIFIER, self.settings)
         self.metrics = metrics.get()
         self.queue = None  # the zero-wait queue, made on the first request (it needs the event loop)
-        loading.freeze_heap()
+        loading.freeze_heap(self.metrics.gc_pauses.labels(service="glowing-scorer").observe)
 
     @bentoml.api
     async def score(self, texts: list[str]) -> list[float]:
@@ -89,7 +89,7 @@ class GeneratorService:
         self.engine = loading.engine(self.model, self.settings, metrics.EngineMetrics(self.metrics)) \
             if self.settings.batching == "engine" else None
         self.bridge = None  # the engine's asyncio side, made on the first request (it needs the event loop)
-        loading.freeze_heap()
+        loading.freeze_heap(self.metrics.gc_pauses.labels(service="glowing-generator").observe)
 
     @bentoml.api
     async def stream(self, item: schemas.GenerationItem, deltas: bool = True,
@@ -140,7 +140,7 @@ class Glowing:
         self._tokenizer = None  # the generator's, for usage.prompt_tokens (/v1/completions)
         self._acceptance: dict[float, float] = {}  # min_positive (to 0.1) -> recent acceptance rate (/reviews)
         self._coalesce = None  # calls to the scorer, coalesced (made on the first, in the event loop)
-        loading.freeze_heap()
+        loading.freeze_heap(self.metrics.gc_pauses.labels(service="glowing").observe)
 
     @bentoml.on_deployment
     def preflight() -> None:

@@ -28,7 +28,7 @@ def svc(exported):
     frozen = []  # each service freezes its start-up heap (service/loading.py freeze_heap)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GLOWING_ARTIFACTS", str(exported))
-        mp.setattr(loading, "freeze_heap", lambda: frozen.append(gc.get_count()))
+        mp.setattr(loading, "freeze_heap", lambda observe: frozen.append(observe))
         instance = Glowing()
         _ = instance.scorer, instance.generator  # load both models now, with this environment
         assert len(frozen) == 3, frozen

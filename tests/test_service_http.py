@@ -140,6 +140,7 @@ def test_concurrent_requests_arrive_batched(server):
 def test_metrics_show_batch_sizes_candidates_and_acceptance(server):
     server.post("/reviews", {**SAMPLING, "n": 1, "min_positive": 0.0, "max_candidates": 4, "seed": 1})
     server.post("/generate", {"n": 100})  # an error, counted
+    assert server.post("/generate", {**SAMPLING, "n": 4, "seed": 2}).status_code == 200  # 4 first tokens, whatever ran before
     metrics = server.metrics()
     for name in ("glowing_batch_size_bucket", "glowing_reviews_candidates_bucket",
                  "glowing_reviews_acceptance_rate_bucket", "glowing_reviews_generated_total",
@@ -149,6 +150,8 @@ def test_metrics_show_batch_sizes_candidates_and_acceptance(server):
                  "glowing_num_requests_waiting", "glowing_prompt_tokens_total", "glowing_generation_tokens_total",
                  "glowing_scorer_padding_share_bucket"):
         assert name in metrics, name
+    for service in ("glowing", "glowing-scorer", "glowing-generator"):  # each froze its heap after a full collection
+        assert _histogram(metrics, "glowing_gc_full_collection_seconds", f'service="{service}"')["+Inf"] >= 1, service
     assert re.search(r'glowing_errors_total\{endpoint="/generate",type="invalid_request_error"\} [1-9]', metrics)
     assert _histogram(metrics, "glowing_time_to_first_token_seconds", "")["+Inf"] >= 4
 

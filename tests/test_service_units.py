@@ -531,15 +531,22 @@ def test_freeze_heap_takes_the_start_up_heap_out_of_the_collector_and_still_coll
 
     kept = Node()
     kept.self = kept  # a cycle alive at start-up: frozen, never walked again
+    pauses: list[float] = []
     try:
-        loading.freeze_heap()
+        loading.freeze_heap(pauses.append)
         assert gc.get_freeze_count() > 0
         assert not any(o is kept for o in gc.get_objects())  # out of every generation the collector walks
         later = Node()
         later.self = later  # garbage made after start-up is collected as before
         gone = weakref.ref(later)
         del later
+        gc.collect(0)  # a young collection: not a full one, not reported
+        assert gone() is None and len(pauses) == 1  # the start-up collection
         gc.collect()
-        assert gone() is None
+        assert len(pauses) == 2 and all(0 <= p < 10 for p in pauses)
+        loading.freeze_heap(pauses.append)  # again (a test builds the services twice): one callback, not two
+        gc.collect()
+        assert len(pauses) == 4
     finally:
+        gc.callbacks.remove(loading._on_full_collection)
         gc.unfreeze()
