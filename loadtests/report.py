@@ -209,6 +209,21 @@ def markdown(summary: dict) -> str:
             cpu = s["cpu_ms_per_request"]
             lines.append(f"| {name} | {s['users']} | " + " | ".join(f"{cpu.get(r, 0):.1f}" for r in roles)
                          + f" | {sum(cpu.values()):.1f} | {s['cpu_cores_busy']} |")
+    collected = [(sc["name"], s) for sc in summary["scenarios"] for s in sc["steps"] if s.get("gc")]
+    if collected:
+        services = sorted({service for _, s in collected for service in s["gc"]})
+        lines += ["", "## Full garbage collections", "",
+                  "Full (generation 2) collections of the Python garbage collector during each step, by service "
+                  "process, from `glowing_gc_full_collection_seconds` on `/metrics`: how many, and the "
+                  "mean pause they cost that process (ms). Each one holds the process's GIL.", "",
+                  "| scenario | users | " + " | ".join(services) + " |", "|---|---|" + "---|" * len(services)]
+        for name, s in collected:
+            cells = []
+            for service in services:
+                g = s["gc"].get(service)
+                cells.append("-" if not g else f"{g['collections']} x {g['ms'] / g['collections']:.1f} ms"
+                             if g["collections"] else "0")
+            lines.append(f"| {name} | {s['users']} | " + " | ".join(cells) + " |")
     lines += ["", "## How to read this", "",
               "- req/s is Locust's completed requests per second over the step; p50/p95/p99 are end-to-end "
               "latencies seen by the client (ms). Each user sends its next request as soon as the last "

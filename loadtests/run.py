@@ -91,6 +91,16 @@ def batch_histogram(metrics: str, model: str) -> dict[str, float]:
     return out
 
 
+def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
+    """Per service process, count and sum (seconds) of ``glowing_gc_full_collection_seconds``: its full
+    garbage collections, each a pause of that process (absent on a server without the metric)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, service, value in re.findall(r'^glowing_gc_full_collection_seconds_(sum|count)\{[^}]*service="([^"]+)"'
+                                          r'[^}]*\} ([0-9.eE+-]+)$', metrics, re.M):
+        out.setdefault(service, {})[key] = float(value)
+    return out
+
+
 def run_locust(url: str, user_class: str, users: int, duration: int, prefix: Path, env: dict[str, str],
                log: Path, workers: int = 0) -> int:
     """One headless Locust run; with ``workers`` >= 2 a master and that many workers (``log``: the master's)."""
@@ -191,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                 prefix = raw / f"{name}_{args.endpoint}_u{users}"
                 page = server.metrics()
                 before = batch_histogram(page, "classifier"), batch_histogram(page, "generator")
+                gc_before = gc_pauses(page)
                 cpu_before, t0 = cpu_seconds(server), time.monotonic()
                 rc = run_locust(server.url, user_class, users, args.duration, prefix, locust_env,
                                 Path(f"{prefix}_locust.log"), args.workers)
                 cpu_after, wall = cpu_seconds(server), time.monotonic() - t0
                 page = server.metrics()
                 after = batch_histogram(page, "classifier"), batch_histogram(page, "generator")
+                gc_after = gc_pauses(page)
                 step = report.read_step(prefix, args.endpoint)
                 step["requests_by_worker"] = (distributed.worker_requests(prefix, args.workers, args.endpoint)
                                               if args.workers >= 2 else [step["requests"]])
@@ -209,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                             "mean": round((a["sum"] - b["sum"]) / (a["count"] - b["count"]), 2)
                             if a["count"] > b["count"] else None}
                     for model, b, a in zip(("classifier", "generator"), before, after)})
+                step["gc"] = {service: {"collections": int(a.get("count", 0) - gc_before.get(service, {}).get("count", 0)),
+                                        "ms": round(1000 * (a.get("sum", 0) - gc_before.get(service, {}).get("sum", 0)), 1)}
+                              for service, a in gc_after.items()}  # full collections during the step
                 steps.append(step)
                 print(f"[{name}] {users:>3} users: {step['rps']:.1f} req/s, p50 {step['p50']} ms, "
                       f"p95 {step['p95']} ms, p99 {step['p99']} ms, {step['requests']} requests, "

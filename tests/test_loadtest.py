@@ -67,7 +67,10 @@ def test_smoke_run_writes_the_report(single):
         assert step["requests"] > 0 and step["failures"] == 0 and step["rps"] > 0, step
         assert 0 < step["p50"] <= step["p95"] <= step["p99"], step
         assert step["batches"]["classifier"]["batches"] > 0, step
-    assert "| engine | 4 |" in (out / "report.md").read_text()
+        assert set(step["gc"]) == {"glowing", "glowing-scorer", "glowing-generator"}, step  # read from /metrics
+        assert all(g["collections"] >= 0 and g["ms"] >= 0 for g in step["gc"].values()), step
+    report_md = (out / "report.md").read_text()
+    assert "| engine | 4 |" in report_md and "## Full garbage collections" in report_md
     assert summary["workers"] == 0 and all(s["requests_by_worker"] == [s["requests"]] for s in scenario["steps"])
 
 
