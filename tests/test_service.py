@@ -5,7 +5,6 @@ test_service_http.py for the served stack)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import shutil
 
