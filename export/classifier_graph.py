@@ -21,8 +21,6 @@ tests/test_classifier_graph.py. A checkpoint this builder does not cover keeps t
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,6 @@ import numpy as np
 from export import decoder_graph
 from export.decoder_graph import ACTIVATIONS, IR_VERSION
 
-log = logging.getLogger(__name__)
 GRAPH_NAME = "glowing-gpt2-classifier-last-position"
 CONTRIB = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "FastGelu", "BiasGelu")
 
@@ -48,27 +45,12 @@ def supported(config: dict) -> str | None:
 def build(model_dir: Path, out: Path) -> bool:
     """Write the scoring graph of the PyTorch checkpoint in ``model_dir`` to ``out``; False (and
     nothing written) when the checkpoint is not one ``supported`` rebuilds."""
-    config = json.loads((model_dir / "config.json").read_text())
-    reason = supported(config)
-    if reason:
-        log.warning("classifier %s: %s; serving the fused Optimum graph", model_dir, reason)
-        return False
-    decoder_graph.save(_graph(config, _weights(model_dir)), out)
-    return True
+    return decoder_graph.rebuild(model_dir, out, supported, _graph, "AutoModelForSequenceClassification",
+                                 "the fused Optimum graph")
 
 
 def is_rebuilt(path: Path) -> bool:
     return decoder_graph.is_rebuilt(path, GRAPH_NAME)
-
-
-def _weights(model_dir: Path) -> dict[str, np.ndarray]:
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.inference_mode():
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
-        return {k.removeprefix("transformer."): v.detach().cpu().numpy().astype(np.float32)
-                for k, v in model.state_dict().items()}
 
 
 def _graph(config: dict, w: dict[str, np.ndarray]):

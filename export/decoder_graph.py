@@ -49,14 +49,19 @@ def supported(config: dict) -> str | None:
 def build(model_dir: Path, out: Path) -> bool:
     """Write the decoding graph of the PyTorch checkpoint in ``model_dir`` to ``out``; False (and
     nothing written) when the checkpoint is not one ``supported`` rebuilds."""
+    return rebuild(model_dir, out, supported, _graph, "AutoModelForCausalLM", "Optimum's decoding graph")
+
+
+def rebuild(model_dir: Path, out: Path, supported, graph, auto_class: str, instead: str) -> bool:
+    """``graph(config, weights)`` of the PyTorch checkpoint in ``model_dir``, loaded with transformers'
+    ``auto_class``, checked and written to ``out``; False (nothing written, a warning that ``instead``
+    is served) when ``supported(config)`` gives a reason not to. Shared with export/classifier_graph.py."""
     config = json.loads((model_dir / "config.json").read_text())
     reason = supported(config)
     if reason:
-        log.warning("generator %s: %s; serving Optimum's decoding graph", model_dir, reason)
+        log.warning("%s: %s; serving %s", model_dir, reason, instead)
         return False
-    import onnx
-
-    save(_graph(config, _weights(model_dir)), out)
+    save(graph(config, _weights(model_dir, auto_class)), out)
     return True
 
 
@@ -70,18 +75,16 @@ def save(model, out: Path) -> None:
     tmp.replace(out)
 
 
-def _weights(model_dir: Path) -> dict[str, np.ndarray]:
+def _weights(model_dir: Path, auto_class: str) -> dict[str, np.ndarray]:
     """The checkpoint's tensors by transformers' names (``transformer.`` prefix removed), whatever
     the file format (safetensors or pytorch_model.bin), through transformers itself."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.inference_mode():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        state = {k.removeprefix("transformer."): v.detach().cpu().numpy().astype(np.float32)
-                 for k, v in model.state_dict().items()}
-    state.setdefault("lm_head.weight", state["wte.weight"])  # tied
-    return state
+        model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=torch.float32)
+        return {k.removeprefix("transformer."): v.detach().cpu().numpy().astype(np.float32)
+                for k, v in model.state_dict().items()}
 
 
 def _graph(config: dict, w: dict[str, np.ndarray]):
@@ -153,7 +156,8 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     last, = op("Slice", [normed, const("last.start", np.array([-1], np.int64)),
                          const("last.end", np.array([np.iinfo(np.int64).max], np.int64)),
                          const("last.axis", np.array([1], np.int64))], ["last_position"])
-    op("MatMul", [last, const("lm_head.weight.T", w["lm_head.weight"].T)], ["logits"])
+    lm_head = w.get("lm_head.weight", w["wte.weight"])  # tied to the embeddings when absent
+    op("MatMul", [last, const("lm_head.weight.T", lm_head.T)], ["logits"])
     graph = helper.make_graph(nodes, GRAPH_NAME, inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)],
