@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from glowing.runtime.sampling import (SamplingSettings, _top_k_plus_one, make_rng, next_tokens, next_tokens_per_row,
-                                      sample_row)
+from glowing.runtime.sampling import (SamplingSettings, _sample_one_top_k, _top_k_plus_one, make_rng, next_tokens,
+                                      next_tokens_per_row, sample_row)
 
 VOCAB = 512
 
@@ -82,3 +82,23 @@ def test_the_block_threshold_finds_the_top_k_a_full_partition_finds(kind):
     nan[1, :] = np.nan
     assert _top_k_plus_one(nan, 50) is None  # NaN logits: left to the general path
     assert _top_k_plus_one(_logits(data, 2, "normal", 512), 50) is None  # too few blocks for k
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, 8195])
+@pytest.mark.parametrize("kind", ["normal", "peaked", "coarse"])
+def test_a_batch_of_one_row_gets_the_token_sample_row_gives(kind, vocab):
+    """A lone row (batch 1, or the only row with its top-k) takes ``_sample_one_top_k``: every top-k
+    setting, ties at the boundary (coarse logits), the partial last block (8195), a k too large for the
+    block threshold (VOCAB - 1 on 512) and an overflowing temperature fall back or agree."""
+    data = np.random.default_rng(hash(("one", kind, vocab)) % 2**32)
+    for step in range(150):
+        setting = SETTINGS[step % len(SETTINGS)]
+        logits = _logits(data, 1, kind, vocab)
+        seed = int(data.integers(0, 2**31))
+        one, alone = make_rng(seed), make_rng(seed)
+        assert next_tokens(logits, [setting], [one]).tolist() == [sample_row(logits[0], setting, alone)], (step, setting)
+        assert one.random() == alone.random()  # one number drawn, as alone
+    nan = _logits(data, 1, "normal", vocab)[0]
+    nan[3] = np.nan
+    setting = SamplingSettings(top_k=50, top_p=0.95, seed=1)
+    assert _sample_one_top_k(nan, setting, make_rng(1)) == sample_row(nan, setting, make_rng(1))

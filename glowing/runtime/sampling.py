@@ -60,6 +60,12 @@ def sample_row(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Ge
         order = np.argsort(-x, kind="stable")
         x = x[order]
         tokens = order if tokens is None else tokens[order]
+    return _draw(x, tokens, settings, rng)
+
+
+def _draw(x: np.ndarray, tokens: np.ndarray | None, settings: SamplingSettings, rng: np.random.Generator) -> int:
+    """``sample_row``'s draw: ``x`` the candidates' float64 logits / temperature (most likely first
+    when ``top_p`` < 1, else in token-id order), ``tokens`` their ids (None: the whole vocabulary)."""
     cumulative = np.cumsum(np.exp(x - x.max()))
     if settings.top_p < 1.0:
         keep = int(np.searchsorted(cumulative, settings.top_p * cumulative[-1])) + 1
@@ -69,6 +75,37 @@ def sample_row(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Ge
     return int(index if tokens is None else tokens[index])
 
 
+def _sample_one_top_k(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> int:
+    """``sample_row`` for one row with 0 < top_k < vocab and a temperature > 0, the same token from
+    fewer passes over the vocabulary: the k largest float32 logits through the block-maximum
+    threshold of ``_top_k_plus_one`` instead of a float64 copy and a partition of the whole row
+    (a batch of one, where decoding spends most per token on Python and numpy calls). Where that
+    shortcut does not apply, the k-th and (k+1)-th largest tie, or the temperature overflows,
+    ``sample_row`` itself, before anything is drawn."""
+    k, vocab = settings.top_k, logits.shape[0]
+    blocks = vocab // TOP_K_GROUPS
+    if blocks < 2 * (k + 1):
+        return sample_row(logits, settings, rng)
+    maxima = logits[: blocks * TOP_K_GROUPS].reshape(TOP_K_GROUPS, blocks).max(axis=0)
+    if blocks * TOP_K_GROUPS < vocab:
+        maxima = np.append(maxima, logits[blocks * TOP_K_GROUPS :].max())
+    at = len(maxima) - k - 1
+    candidates = np.flatnonzero(logits >= np.partition(maxima, at)[at])  # in token-id order
+    if len(candidates) < k + 1:  # NaN logits
+        return sample_row(logits, settings, rng)
+    values = logits[candidates]
+    order = np.argsort(-values, kind="stable")[: k + 1]  # most likely first, ties in token-id order
+    if values[order[k - 1]] == values[order[k]]:
+        return sample_row(logits, settings, rng)
+    tokens = candidates[order[:k]]
+    if settings.top_p >= 1.0:  # sample_row draws in token-id order without top-p
+        tokens = np.sort(tokens)
+    x = logits[tokens].astype(np.float64) / settings.temperature
+    if not np.isfinite(x).all():
+        return sample_row(logits, settings, rng)
+    return _draw(x, tokens, settings, rng)
+
+
 def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
                 rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """One token per row of ``logits`` (shape ``(batch, vocab)``), each row by its own settings.
@@ -76,8 +113,9 @@ def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
     Exactly the token ``sample_row`` gives each row (tests/test_sampling.py), computed for the
     whole batch at once: rows that share a ``top_k`` go through one vectorized top-k / top-p /
     inverse-CDF draw (``_sample_top_k``); greedy rows take an argmax; a row without top-k, or whose
-    k-th and (k+1)-th largest logits tie (where the per-row partition's choice decides), and a
-    group of one row, go through ``sample_row``. Each row still draws one number from its own generator.
+    k-th and (k+1)-th largest logits tie (where the per-row partition's choice decides), go through
+    ``sample_row``; a group of one row through ``_sample_one_top_k``. Each row still draws one number
+    from its own generator.
     """
     if all(s.greedy for s in settings):
         return np.argmax(logits, axis=-1).astype(np.int64)
@@ -92,8 +130,8 @@ def next_tokens(logits: np.ndarray, settings: Sequence[SamplingSettings],
         else:
             out[i] = sample_row(logits[i], s, rngs[i])
     for k, rows in groups.items():
-        if len(rows) == 1:  # one row: sample_row itself is quicker than the batch's dozen array calls
-            out[rows[0]] = sample_row(logits[rows[0]], settings[rows[0]], rngs[rows[0]])
+        if len(rows) == 1:  # one row: quicker alone than through the batch's dozen array calls
+            out[rows[0]] = _sample_one_top_k(logits[rows[0]], settings[rows[0]], rngs[rows[0]])
             continue
         idx = np.asarray(rows)
         sub = logits if len(rows) == n else logits[idx]
