@@ -4,6 +4,7 @@
     .venv/bin/python -m loadtests.run --scenarios engine,batching,no-batching --users 1,8,32 --duration 10
     .venv/bin/python -m loadtests.run --smoke --artifacts /tmp/tiny-artifacts --out /tmp/lt
     .venv/bin/python -m loadtests.run --workers 2 --scenarios engine --users 16,64   # a Locust master + 2 workers
+    .venv/bin/python -m loadtests.run --scenarios engine,batching --before /tmp/old --users 16,32  # + an older checkout
 
 For each scenario (a set of ``GLOWING_*`` settings) it starts ``bentoml serve`` on a free loopback
 port, waits for ``/readyz``, runs headless Locust (its own CLI process) once per user count for
@@ -57,6 +58,7 @@ SCENARIOS: dict[str, tuple[dict[str, str], str]] = {
     "int8": ({"GLOWING_CLASSIFIER_PRECISION": "int8"}, "ONNX Runtime, dynamic-int8 classifier "
              "(scores one text per model call by design), engine"),
 }
+BEFORE = "before"  # --before CHECKOUT: that checkout's service with its own defaults
 ENDPOINTS = {"score": "ScoreUser", "generate": "GenerateUser", "reviews": "ReviewsUser"}
 SMOKE = {"scenarios": "engine", "users": "1,4", "duration": 5}
 
@@ -124,7 +126,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="artifacts folder the service serves (GLOWING_ARTIFACTS; default: artifacts)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma list of scenarios, the first one is the baseline of the ratios; known: "
-                    + "; ".join(f"{k} = {v[1]}" for k, v in SCENARIOS.items()) + " (default: all)")
+                    + "; ".join(f"{k} = {v[1]}" for k, v in SCENARIOS.items())
+                    + f"; {BEFORE} = the service of --before's checkout (default: all but {BEFORE})")
+    ap.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                    help="also serve another Glowing checkout, e.g. `git worktree add /tmp/old <commit>` of the "
+                    "commit an issue was filed against, with its own defaults, as scenario "
+                    f"'{BEFORE}' (last, unless --scenarios places it): its serving path measured in the same "
+                    "run, on the same artifacts, against today's")
     ap.add_argument("--users", default="1,4,16,32,64",
                     help="ladder of concurrent Locust users, one step each (default: 1,4,16,32,64)")
     ap.add_argument("--duration", type=int, default=15, help="seconds per step (default: 15)")
@@ -145,9 +153,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.scenarios, args.users, args.duration = SMOKE["scenarios"], SMOKE["users"], SMOKE["duration"]
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in args.scenario_list if s not in SCENARIOS]
+    unknown = [s for s in args.scenario_list if s not in SCENARIOS and s != BEFORE]
     if unknown or not args.scenario_list:
-        ap.error(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
+        ap.error(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}, {BEFORE} (with --before)")
+    if args.before is not None:
+        if not (args.before / "service" / "service.py").is_file():
+            ap.error(f"--before: {args.before} is not a Glowing checkout (no service/service.py)")
+        if BEFORE not in args.scenario_list:
+            args.scenario_list.append(BEFORE)
+    elif BEFORE in args.scenario_list:
+        ap.error(f"--scenarios: '{BEFORE}' needs --before CHECKOUT")
     try:
         args.user_list = [int(u) for u in args.users.split(",")]
         assert args.user_list and all(u >= 1 for u in args.user_list)
@@ -160,6 +175,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not (args.artifacts / "manifest.json").is_file():
         ap.error(f"--artifacts: {args.artifacts} has no manifest.json (make models && make export)")
     return args
+
+
+def checkout_commit(checkout: Path) -> str:
+    """The short commit of a git checkout, with "+changes" when its tracked files differ from it."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *cmd], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> dict:
@@ -184,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = []
     for name in args.scenario_list:
-        env, description = SCENARIOS[name]
+        if name == BEFORE:
+            env, description = {}, f"the service of {args.before} (git {checkout_commit(args.before)}), its defaults"
+        else:
+            env, description = SCENARIOS[name]
         server = Server(args.artifacts.resolve(), raw / f"{name}_serve.log",
-                        {"GLOWING_MAX_CONCURRENCY": MAX_CONCURRENCY, **env})
+                        {"GLOWING_MAX_CONCURRENCY": MAX_CONCURRENCY, **env},
+                        cwd=args.before.resolve() if name == BEFORE else ROOT)
         try:
             try:
                 ready_s = server.wait_ready()
@@ -233,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{name}] {users:>3} users: the workers reported {step['requests_by_worker']} requests, "
                           f"the master counted {step['requests']}", flush=True)
             results.append({"name": name, "env": env, "description": description, "ready_s": round(ready_s, 1),
-                            "steps": steps})
+                            "steps": steps, **({"checkout": description} if name == BEFORE else {})})
         finally:
             server.stop()
     summary = {

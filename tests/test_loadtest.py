@@ -200,13 +200,58 @@ def test_batching_ratio_at_32_users():
     assert r["by_users"]["batching / no-batching"] == {"1": 1.0, "32": 5.0}
 
 
+def test_before_serves_another_checkout_as_its_own_scenario(tmp_path, monkeypatch):
+    """``--before CHECKOUT``: scenario 'before' is served from that checkout (``bentoml serve`` run in
+    it) with its own defaults, after the others unless --scenarios places it; it needs --before, and
+    the checkout must be a Glowing one. The engine's ratios over it are in the report."""
+    artifacts, old = tmp_path / "artifacts", tmp_path / "old"
+    artifacts.mkdir()
+    (artifacts / "manifest.json").write_text("{}")
+    (old / "service").mkdir(parents=True)
+    (old / "service" / "service.py").write_text("")
+    served = []
+
+    class Unstartable:  # records how each scenario's server was started; none of them starts
+        def __init__(self, artifacts, log, env=None, cwd=run.ROOT):
+            served.append((log.name, env, cwd))
+
+        def wait_ready(self):
+            raise RuntimeError("not started in this test")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(run, "Server", Unstartable)
+    base = ["--artifacts", str(artifacts), "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+    assert run.main(base + ["--scenarios", "engine,batching", "--before", str(old)]) == 0
+    assert [(name, cwd) for name, _, cwd in served] == [
+        ("engine_serve.log", run.ROOT), ("batching_serve.log", run.ROOT), ("before_serve.log", old.resolve())]
+    assert served[2][1] == {"GLOWING_MAX_CONCURRENCY": run.MAX_CONCURRENCY}  # its own defaults
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["scenarios"][2]["name"] == "before" and str(old) in summary["scenarios"][2]["description"]
+    assert run.parse_args(base + ["--scenarios", "before,engine", "--before", str(old)]).scenario_list == \
+        ["before", "engine"]
+    for bad in (["--scenarios", "engine,before"], ["--before", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            run.parse_args(base + bad)
+
+
+def test_engine_ratios_over_the_checkout_before():
+    summary = {"users": [16, 32], "scenarios": [
+        {"name": "engine", "steps": [{**_step(16, 900), "p99": 30}, {**_step(32, 1000), "p99": 40}]},
+        {"name": "before", "steps": [{**_step(16, 300), "p99": 90}, {**_step(32, 700), "p99": 35}]}]}
+    r = report.ratios(summary)["engine_vs_before"]
+    assert r["16"] == {"ratio": 3.0, "target": 1.6, "met": True, "p99": [30, 90], "p99_not_worse": True}
+    assert r["32"]["ratio"] == 1.43 and not r["32"]["met"] and not r["32"]["p99_not_worse"]
+
+
 @pytest.mark.slow
 def test_help_names_every_flag():
     proc = subprocess.run([sys.executable, "-m", "loadtests.run", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
     for flag in ("--artifacts", "--scenarios", "--users", "--duration", "--endpoint", "--out", "--smoke",
-                 "--workers"):
+                 "--workers", "--before"):
         assert flag in proc.stdout
 
 
