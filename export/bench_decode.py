@@ -26,9 +26,11 @@ runtime (default: all cores). Before timing, a greedy check: the first 20 greedy
 from our loop, CT2 and HF are compared and the agreement printed (identical rows: the conversion kept
 the weights; a mismatch is reported, not fatal). After it, the intra-op threads table (ms per ONNX
 Runtime decoding call, fp32 and int8, 1 thread vs all cores, with and without spin-waiting), then a
-profile of our loop at batch 8 and 32: time in the ONNX Runtime call (and inside it, by operator
-type, from ORT's own profiler), around it (feeds, logits copy), in KV-cache select/concat, in
-sampling, the rest of the Python loop, and what detokenizing costs. Writes OUT/bench_decode.json
+profile of our loop, fp32 and int8, at batch 1, 8 and 32 (``--profile-batches``): time in the ONNX
+Runtime call (and inside it, kernel time by operator type, from ORT's own profiler), around it
+(feeds, logits copy), in KV-cache select/concat, in sampling, the rest of the Python loop, and what
+detokenizing costs, each beside CTranslate2's whole step at the same batch and precision: where a
+target is missed, whether the model call alone already takes what CTranslate2's step does. Writes OUT/bench_decode.json
 (raw passes too) and OUT/bench_decode.md, and prints both tables. Figures and what they mean:
 docs/DECODING.md.
 """
@@ -198,6 +200,22 @@ def prompts_from(data_dir: str | None, n: int) -> tuple[list[str], str]:
     payload = sample(Path(data_dir) if data_dir else None)
     prompts = payload["prompts"]
     return [prompts[i % len(prompts)] for i in range(n)], payload["source"]
+
+
+def profiles(ours: dict[str, Generator], rows: list[dict[str, Any]], prompts: list[str], batches: tuple[int, ...],
+             new: int, ort_dir: Path, threads: int | None) -> list[dict[str, Any]]:
+    """``decode_profile.profile`` of our loop, fp32 and int8 (when exported), at each of ``batches``, each
+    with CTranslate2's whole step at that batch and precision (``ct2_ms_per_step``, from ``rows``)."""
+    out = []
+    for name, peer in (("ORT loop", "CT2 fp32"), ("ORT loop int8", "CT2 int8")):
+        if name not in ours:
+            continue
+        for batch in batches:
+            p = decode_profile.profile(ours[name], prompts[:batch], new, SAMPLING, ort_dir, threads)
+            timed = next((r for r in rows if r["batch"] == batch and r.get(peer)), None)
+            p["ct2_ms_per_step"] = batch / timed[peer] * 1e3 if timed else None
+            out.append(p)
+    return out
 
 
 def bench(ours: dict[str, Generator], peers: dict[str, Any], prompts: list[str], batches: tuple[int, ...],
@@ -389,7 +407,8 @@ def parser() -> argparse.ArgumentParser:
                     help="let our rows stop at end of text (default: exactly --max-new-tokens per row, like "
                          "CTranslate2 and HF, which are always forced to it)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profile of our loop")
-    ap.add_argument("--profile-batches", default="8,32", help="batches the profile runs at (8,32)")
+    ap.add_argument("--profile-batches", default="1,8,32", help="batches the profile runs at, fp32 and int8 "
+                    "(1,8,32)")
     ap.add_argument("--smoke", action="store_true", help="batch 1 and 2, 8 new tokens, 1 pass, profile at batch 2")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
@@ -455,9 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = bench(ours, peers, prompts, batches, args.max_new_tokens, args.repeats, args.clock)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
     report["threads_table"] = thread_table(onnx_dir, batches, args.repeats) if args.thread_table else []
-    report["profile"] = [decode_profile.profile(gen, prompts[:b], args.max_new_tokens, SAMPLING, out / "ort-profile",
-                                                  args.threads)
-                         for b in profile_batches]
+    report["profile"] = profiles(ours, report["rows"], prompts, profile_batches, args.max_new_tokens,
+                                 out / "ort-profile", args.threads)
     out.mkdir(parents=True, exist_ok=True)
     A.write_json_atomic(out / "bench_decode.json", report)
     table = markdown(report)

@@ -135,7 +135,8 @@ def profile(gen: Generator, prompts: list[str], new: int, sampling: dict[str, An
     parts = {"ort_run": timers["ort_run"], "around_ort_run": timers["forward"] - timers["ort_run"],
              "cache_select_concat": timers["cache_select_concat"], "sampling": timers["sampling"]}
     parts["python_loop_rest"] = total - sum(parts.values())
-    return {"batch": len(prompts), "max_new_tokens": new, "steps": steps, "new_tokens": tokens,
+    return {"batch": len(prompts), "precision": gen.precision, "max_new_tokens": new, "steps": steps,
+            "new_tokens": tokens,
             "total_ms": total * 1e3, "ms_per_step": {k: v * 1e3 / steps for k, v in parts.items()},
             "share": {k: v / total for k, v in parts.items()},
             "cache_mb_written_per_step": counts["cache_bytes_out"] / steps / 2**20,
@@ -157,7 +158,7 @@ def ort_operator_profile(gen: Generator, prompts: list[str], settings: list[Samp
     ort_dir.mkdir(parents=True, exist_ok=True)
     options = ort.SessionOptions()
     options.enable_profiling = True
-    options.profile_file_prefix = str(ort_dir / f"decode-batch{len(prompts)}")
+    options.profile_file_prefix = str(ort_dir / f"decode-{gen.precision}-batch{len(prompts)}")
     if threads:
         options.intra_op_num_threads = threads
     model = shared_kv_graph(gen.model_file) or str(gen.model_file)  # as load_generator runs it on CPU
@@ -184,24 +185,33 @@ def ort_operator_profile(gen: Generator, prompts: list[str], settings: list[Samp
 
 
 def markdown(profiles: list[dict[str, Any]]) -> str:
+    """The profile table; ``ct2_ms_per_step`` in a profile (bench_decode adds it) is CTranslate2's whole
+    step at that batch and precision, from the timed passes: what our ORT call alone is set against."""
     names = {"ort_run": "ORT session.run", "around_ort_run": "feeds + logits copy",
              "cache_select_concat": "KV select/concat", "sampling": "sampling (numpy)",
              "python_loop_rest": "rest of the loop"}
-    lines = ["Where our loop's time goes (`Generator.generate_ids`, ORT fp32, one call, wall clock; ms per "
-             "decoding step, share of the call):", "",
-             "| batch | steps | " + " | ".join(names.values()) + " | KV cache written/step | detokenize/token "
-             "(batch / streaming) |", "|---" * (len(names) + 4) + "|"]
+    peer = any(p.get("ct2_ms_per_step") for p in profiles)
+    lines = ["Where our loop's time goes (`Generator.generate_ids`, one call, wall clock; ms per decoding step, "
+             "share of the call" + ("; CT2 step: CTranslate2's whole step at the same batch and precision, "
+                                    "from the timed passes above" if peer else "") + "):", "",
+             "| batch | precision | steps | " + " | ".join(names.values()) + (" | CT2 step" if peer else "")
+             + " | KV cache written/step | detokenize/token (batch / streaming) |",
+             "|---" * (len(names) + 5 + peer) + "|"]
     for p in profiles:
         cells = [f"{p['ms_per_step'][k]:.2f} ({p['share'][k]:.0%})" for k in names]
+        if peer:
+            cells.append(f"{p['ct2_ms_per_step']:.2f}" if p.get("ct2_ms_per_step") else "-")
         d = p["detokenize_us_per_token"]
-        lines.append(f"| {p['batch']} | {p['steps']} | " + " | ".join(cells) +
+        lines.append(f"| {p['batch']} | {p.get('precision', 'fp32')} | {p['steps']} | " + " | ".join(cells) +
                      f" | {p['cache_mb_written_per_step']:.2f} MB | {d['decode_batch']:.1f} / "
                      f"{d['incremental']:.1f} us |")
     for p in profiles:
         ops = p.get("ort_ops")
         if ops:
-            top = ", ".join(f"{op} {share:.0%}" for op, share in list(ops["op_share_of_kernels"].items())[:8])
-            lines.append(f"\nInside session.run at batch {p['batch']} (ORT profiler, {ops['decode_steps']} decoding "
-                         f"steps, {ops['run_us_per_step'] / 1e3:.2f} ms/step with profiling on, kernels "
-                         f"{ops['kernel_share_of_run']:.0%} of it): {top}.")
+            kernel_ms = ops["run_us_per_step"] * ops["kernel_share_of_run"] / 1e3
+            top = ", ".join(f"{op} {share * kernel_ms:.2f} ms ({share:.0%})"
+                            for op, share in list(ops["op_share_of_kernels"].items())[:8])
+            lines.append(f"\nInside session.run at batch {p['batch']}, {p.get('precision', 'fp32')} (ORT profiler, "
+                         f"{ops['decode_steps']} decoding steps, {ops['run_us_per_step'] / 1e3:.2f} ms/step with "
+                         f"profiling on, kernels {ops['kernel_share_of_run']:.0%} of it), kernel time per step: {top}.")
     return "\n".join(lines)

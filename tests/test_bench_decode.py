@@ -35,12 +35,18 @@ def test_smoke_run_writes_the_table_and_the_profile(smoke):
     assert "optimum" in report["graphs"]["before"] and report["graphs"]["ORT loop"].endswith("generator/model.onnx")
     assert report["graphs"]["ORT loop int8"].endswith("generator/model_quantized.onnx")
     assert report["greedy"]["HF generate"]["identical"] == report["greedy"]["prompts"]
-    [profile] = report["profile"]
-    assert profile["batch"] == 2 and profile["steps"] >= 1
-    assert sum(profile["share"].values()) == pytest.approx(1.0)
-    assert profile["ort_ops"]["op_share_of_kernels"]  # ORT's profiler saw the decoding steps
+    assert [(p["precision"], p["batch"]) for p in report["profile"]] == [("fp32", 2), ("int8", 2)]
+    peers = "CT2 fp32" in report["rows"][0]
+    for profile in report["profile"]:
+        assert profile["steps"] >= 1 and profile["new_tokens"] == 2 * 8  # end of text ignored, as in the passes
+        assert sum(profile["share"].values()) == pytest.approx(1.0)
+        assert profile["ort_ops"]["op_share_of_kernels"]  # ORT's profiler saw the decoding steps
+        peer = report["rows"][1]["CT2 " + profile["precision"]] if peers else None
+        # CTranslate2's whole step at that batch and precision, beside ours (none without ctranslate2)
+        assert profile["ct2_ms_per_step"] == (pytest.approx(2 / peer * 1e3) if peers else None)
     table = (out / "bench_decode.md").read_text()
     assert "| batch | before | ORT loop | engine | ORT loop int8 |" in table and "Where our loop's time goes" in table
+    assert "| 2 | int8 |" in table and "Inside session.run at batch 2, int8" in table
     assert table in printed
 
 
