@@ -30,8 +30,8 @@ profile of our loop, fp32 and int8, at batch 1, 8 and 32 (``--profile-batches``)
 Runtime call (and inside it, kernel time by operator type, from ORT's own profiler), around it
 (feeds, logits copy), in KV-cache select/concat, in sampling, the rest of the Python loop, and what
 detokenizing costs, each beside CTranslate2's whole step at the same batch and precision: where a
-target is missed, whether the model call alone already takes what CTranslate2's step does. Writes OUT/bench_decode.json
-(raw passes too) and OUT/bench_decode.md, and prints both tables. Figures and what they mean:
+target is missed, whether the model call alone already takes what CTranslate2's step does. Writes
+OUT/bench_decode.json (raw passes too) and OUT/bench_decode.md, and prints both tables. Figures and what they mean:
 docs/DECODING.md.
 """
 

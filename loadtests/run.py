@@ -180,7 +180,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def checkout_commit(checkout: Path) -> str:
     """The short commit of a git checkout, with "+changes" when its tracked files differ from it."""
     def git(*cmd: str) -> str:
-        return subprocess.run(["git", "-C", str(checkout), *cmd], capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", "-C", str(checkout), *cmd], capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             env, description = {}, f"the service of {args.before} (git {checkout_commit(args.before)}), its defaults"
         else:
             env, description = SCENARIOS[name]
+        checkout = {"checkout": description} if name == BEFORE else {}  # the report's settings column
         server = Server(args.artifacts.resolve(), raw / f"{name}_serve.log",
                         {"GLOWING_MAX_CONCURRENCY": MAX_CONCURRENCY, **env},
                         cwd=args.before.resolve() if name == BEFORE else ROOT)
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # record it and go on with the other scenarios
                 print(f"[{name}] did not start: {e}", flush=True)
                 results.append({"name": name, "env": env, "description": description, "ready_s": None,
-                                "error": str(e)[-2000:], "steps": []})
+                                "error": str(e)[-2000:], "steps": [], **checkout})
                 continue
             print(f"[{name}] ready after {ready_s:.1f} s on {server.url}", flush=True)
             steps = []
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{name}] {users:>3} users: the workers reported {step['requests_by_worker']} requests, "
                           f"the master counted {step['requests']}", flush=True)
             results.append({"name": name, "env": env, "description": description, "ready_s": round(ready_s, 1),
-                            "steps": steps, **({"checkout": description} if name == BEFORE else {})})
+                            "steps": steps, **checkout})
         finally:
             server.stop()
     summary = {
