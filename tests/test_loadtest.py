@@ -229,6 +229,9 @@ def test_before_serves_another_checkout_as_its_own_scenario(tmp_path, monkeypatc
     assert served[2][1] == {"GLOWING_MAX_CONCURRENCY": run.MAX_CONCURRENCY}  # its own defaults
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["scenarios"][2]["name"] == "before" and str(old) in summary["scenarios"][2]["description"]
+    # the report's settings column names the checkout; written although no server started (no latency to plot)
+    assert f"| before | the service of {old} " in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "latency.png").stat().st_size > 0
     assert run.parse_args(base + ["--scenarios", "before,engine", "--before", str(old)]).scenario_list == \
         ["before", "engine"]
     for bad in (["--scenarios", "engine,before"], ["--before", str(tmp_path)]):
