@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from export import decoder_graph
-from export.decoder_graph import ACTIVATIONS, IR_VERSION
 
 GRAPH_NAME = "glowing-gpt2-classifier-last-position"
-CONTRIB = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "FastGelu", "BiasGelu")
 
 
 def supported(config: dict) -> str | None:
@@ -55,48 +53,17 @@ def is_rebuilt(path: Path) -> bool:
 
 def _graph(config: dict, w: dict[str, np.ndarray]):
     from onnx import TensorProto as T
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     layers, hidden, heads = config["n_layer"], config["n_embd"], config["n_head"]
-    head_dim, eps = hidden // heads, float(config.get("layer_norm_epsilon", 1e-5))
-    activation = ACTIVATIONS[config.get("activation_function", "gelu_new")]
+    head_dim = hidden // heads
     labels = w["score.weight"].shape[0]
     scale = 1.0 / np.sqrt(head_dim) if config.get("scale_attn_weights", True) else 1.0
-    nodes, initializers = [], []
-
-    def const(name: str, array: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(op_type: str, inputs: list[str], outputs: list[str], **attrs) -> list[str]:
-        domain = "com.microsoft" if op_type in CONTRIB else ""
-        nodes.append(helper.make_node(op_type, inputs, outputs, name=outputs[0], domain=domain, **attrs))
-        return outputs
+    g = decoder_graph.Builder(config, w)
+    const, op = g.const, g.op
 
     def layer_scale(i: int) -> float:
         return float(scale / (i + 1) if config.get("scale_attn_by_inverse_layer_idx") else scale)
-
-    def project_and_norm(p: str, attended: str, residual: str) -> tuple[str, str]:
-        projected, = op("MatMul", [attended, const(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])],
-                        [p + "attn.out"])
-        normed, _, _, residual = op("SkipLayerNormalization",
-                                    [projected, residual, const(p + "ln_2.weight", w[p + "ln_2.weight"]),
-                                     const(p + "ln_2.bias", w[p + "ln_2.bias"]),
-                                     const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
-                                    [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"],
-                                    epsilon=eps)
-        return normed, residual
-
-    def mlp_and_norm(p: str, normed: str, residual: str, next_ln: str) -> tuple[str, str]:
-        up, = op("MatMul", [normed, const(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [p + "mlp.up"])
-        act, = op(activation, [up, const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [p + "mlp.act"])
-        down, = op("MatMul", [act, const(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])], [p + "mlp.down"])
-        out, _, _, res = op("SkipLayerNormalization",
-                            [down, residual, const(next_ln + ".weight", w[next_ln + ".weight"]),
-                             const(next_ln + ".bias", w[next_ln + ".bias"]),
-                             const(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"])],
-                            [next_ln, next_ln + ".mean", next_ln + ".inv_std", p + "residual.mlp"], epsilon=eps)
-        return out, res
 
     inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", T.INT64, ["batch_size", "sequence_length"])]
@@ -130,15 +97,14 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     flat_index, = op("Add", [offsets, pooled], ["pooled_flat"])
     flat_shape = const("flat_shape", np.array([-1, hidden], np.int64))
 
-    normed, = op("LayerNormalization", [residual, const("h.0.ln_1.weight", w["h.0.ln_1.weight"]),
-                                        const("h.0.ln_1.bias", w["h.0.ln_1.bias"])], ["h.0.ln_1"], epsilon=eps, axis=-1)
+    normed = g.first_norm(residual)
     for i in range(layers - 1):  # every position: the layers after read them all
         p = f"h.{i}."
         attended, = op("Attention", [normed, const(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"]),
                                      const(p + "attn.c_attn.bias", w[p + "attn.c_attn.bias"]), mask],
                        [p + "attn"], num_heads=heads, unidirectional=1, scale=layer_scale(i))
-        normed, residual = project_and_norm(p, attended, residual)
-        normed, residual = mlp_and_norm(p, normed, residual, f"h.{i + 1}.ln_1")
+        normed, residual = g.project_and_norm(p, attended, residual)
+        normed, residual = g.mlp_and_norm(p, normed, residual, f"h.{i + 1}.ln_1")
 
     # the last layer: keys and values at every position, everything else at the pooled one
     p = f"h.{layers - 1}."
@@ -155,16 +121,11 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     q, = op("MatMul", [query_in, const(p + "attn.q.weight", weight[:, :hidden])], [p + "q"])
     attended, = op("MultiHeadAttention", [q, k, v, const(p + "attn.c_attn.bias", bias), key_mask],
                    [p + "attn"], num_heads=heads, scale=layer_scale(layers - 1))
-    normed, residual = project_and_norm(p, attended, residual_p)
-    final, _ = mlp_and_norm(p, normed, residual, "ln_f")
+    normed, residual = g.project_and_norm(p, attended, residual_p)
+    final, _ = g.mlp_and_norm(p, normed, residual, "ln_f")
     scores, = op("MatMul", [final, const("score.weight.T", w["score.weight"].T)], ["scores"])
     op("Squeeze", [scores, axis1], ["logits"])
     # onnx shape inference does not know contrib ops: the int8 quantizer needs their outputs' types
     typed = [helper.make_tensor_value_info(out, T.FLOAT, None)
-             for n in nodes if n.domain == "com.microsoft" for out in n.output if out]
-    graph = helper.make_graph(nodes, GRAPH_NAME, inputs, outputs, initializers, value_info=typed)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="glowing export.classifier_graph")
-    model.ir_version = IR_VERSION
-    return model
+             for n in g.nodes if n.domain == "com.microsoft" for out in n.output if out]
+    return g.model(GRAPH_NAME, inputs, outputs, "glowing export.classifier_graph", value_info=typed)

@@ -87,24 +87,82 @@ def _weights(model_dir: Path, auto_class: str) -> dict[str, np.ndarray]:
                 for k, v in model.state_dict().items()}
 
 
-def _graph(config: dict, w: dict[str, np.ndarray]):
-    from onnx import TensorProto as T
-    from onnx import helper, numpy_helper
+class Builder:
+    """The nodes and initializers of a GPT-2 graph being written from its weights ``w`` (transformers'
+    names), and the pieces both rebuilt graphs share: this module's decoder and
+    export/classifier_graph.py's scorer."""
 
-    layers, hidden, heads = config["n_layer"], config["n_embd"], config["n_head"]
-    head_dim, eps, vocab = hidden // heads, float(config.get("layer_norm_epsilon", 1e-5)), config["vocab_size"]
-    activation = ACTIVATIONS[config.get("activation_function", "gelu_new")]
-    nodes, initializers = [], []
+    CONTRIB = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "FastGelu", "BiasGelu")
 
-    def const(name: str, array: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    def __init__(self, config: dict, w: dict[str, np.ndarray]):
+        self.w = w
+        self.eps = float(config.get("layer_norm_epsilon", 1e-5))
+        self.activation = ACTIVATIONS[config.get("activation_function", "gelu_new")]
+        self.nodes: list = []
+        self.initializers: list = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(op_type: str, inputs: list[str], outputs: list[str], **attrs) -> list[str]:
-        domain = "com.microsoft" if op_type in ("MultiHeadAttention", "SkipLayerNormalization", "FastGelu",
-                                                "BiasGelu") else ""
-        nodes.append(helper.make_node(op_type, inputs, outputs, name=outputs[0], domain=domain, **attrs))
+    def weight(self, name: str) -> str:
+        return self.const(name, self.w[name])
+
+    def op(self, op_type: str, inputs: list[str], outputs: list[str], **attrs) -> list[str]:
+        from onnx import helper
+
+        domain = "com.microsoft" if op_type in self.CONTRIB else ""
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=outputs[0], domain=domain, **attrs))
         return outputs
+
+    def first_norm(self, embedded: str) -> str:
+        """Layer 0's ``ln_1`` (the later ones come with the residual adds, ``mlp_and_norm``)."""
+        return self.op("LayerNormalization", [embedded, self.weight("h.0.ln_1.weight"), self.weight("h.0.ln_1.bias")],
+                       ["h.0.ln_1"], epsilon=self.eps, axis=-1)[0]
+
+    def project_and_norm(self, p: str, attended: str, residual: str) -> tuple[str, str]:
+        """Layer ``p``'s attention projection, then the residual add and ``ln_2`` in one
+        ``SkipLayerNormalization`` (the projection's bias with them): ``ln_2``'s output and the new residual."""
+        projected, = self.op("MatMul", [attended, self.weight(p + "attn.c_proj.weight")], [p + "attn.out"])
+        normed, _, _, residual = self.op(
+            "SkipLayerNormalization", [projected, residual, self.weight(p + "ln_2.weight"), self.weight(p + "ln_2.bias"),
+                                       self.weight(p + "attn.c_proj.bias")],
+            [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"], epsilon=self.eps)
+        return normed, residual
+
+    def mlp_and_norm(self, p: str, normed: str, residual: str, next_ln: str) -> tuple[str, str]:
+        """Layer ``p``'s MLP, then the residual add and the next layer norm ``next_ln`` (the next
+        layer's ``ln_1``, or ``ln_f``): its output and the new residual."""
+        up, = self.op("MatMul", [normed, self.weight(p + "mlp.c_fc.weight")], [p + "mlp.up"])
+        act, = self.op(self.activation, [up, self.weight(p + "mlp.c_fc.bias")], [p + "mlp.act"])
+        down, = self.op("MatMul", [act, self.weight(p + "mlp.c_proj.weight")], [p + "mlp.down"])
+        out, _, _, residual = self.op(
+            "SkipLayerNormalization", [down, residual, self.weight(next_ln + ".weight"), self.weight(next_ln + ".bias"),
+                                       self.weight(p + "mlp.c_proj.bias")],
+            [next_ln, next_ln + ".mean", next_ln + ".inv_std", p + "residual.mlp"], epsilon=self.eps)
+        return out, residual
+
+    def model(self, name: str, inputs: list, outputs: list, producer: str, value_info: list | None = None):
+        from onnx import helper
+
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers, value_info=value_info)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name=producer)
+        model.ir_version = IR_VERSION
+        return model
+
+
+def _graph(config: dict, w: dict[str, np.ndarray]):
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    layers, hidden, heads = config["n_layer"], config["n_embd"], config["n_head"]
+    head_dim, vocab = hidden // heads, config["vocab_size"]
+    g = Builder(config, w)
+    const, op = g.const, g.op
 
     inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", T.INT64, ["batch_size", "total_sequence_length"]),
@@ -121,8 +179,7 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
     places, = op("Gather", [const("wpe", w["wpe.weight"]), "position_ids"], ["places"])
     residual, = op("Add", [tokens, places], ["embedded"])
     mask, = op("Cast", ["attention_mask"], ["mask_int32"], to=T.INT32)
-    normed, = op("LayerNormalization", [residual, const("h.0.ln_1.weight", w["h.0.ln_1.weight"]),
-                                        const("h.0.ln_1.bias", w["h.0.ln_1.bias"])], ["h.0.ln_1"], epsilon=eps, axis=-1)
+    normed = g.first_norm(residual)
     scale = 1.0 / np.sqrt(head_dim) if config.get("scale_attn_weights", True) else 1.0
     for i in range(layers):
         p = f"h.{i}."
@@ -135,35 +192,15 @@ def _graph(config: dict, w: dict[str, np.ndarray]):
                              f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
                             [p + "attn", f"present.{i}.key", f"present.{i}.value"],
                             num_heads=heads, unidirectional=1, scale=float(layer_scale))
-        projected, = op("MatMul", [attended, const(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])],
-                        [p + "attn.out"])
-        normed, _, _, residual = op("SkipLayerNormalization",
-                                    [projected, residual, const(p + "ln_2.weight", w[p + "ln_2.weight"]),
-                                     const(p + "ln_2.bias", w[p + "ln_2.bias"]),
-                                     const(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
-                                    [p + "ln_2", p + "ln_2.mean", p + "ln_2.inv_std", p + "residual.attn"],
-                                    epsilon=eps)
-        up, = op("MatMul", [normed, const(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [p + "mlp.up"])
-        act, = op(activation, [up, const(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [p + "mlp.act"])
-        down, = op("MatMul", [act, const(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])], [p + "mlp.down"])
-        ln = "ln_f" if i == layers - 1 else f"h.{i + 1}.ln_1"
-        normed, _, _, residual = op("SkipLayerNormalization",
-                                    [down, residual, const(ln + ".weight", w[ln + ".weight"]),
-                                     const(ln + ".bias", w[ln + ".bias"]),
-                                     const(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"])],
-                                    [ln, ln + ".mean", ln + ".inv_std", p + "residual.mlp"], epsilon=eps)
+        normed, residual = g.project_and_norm(p, attended, residual)
+        normed, residual = g.mlp_and_norm(p, normed, residual, "ln_f" if i == layers - 1 else f"h.{i + 1}.ln_1")
     # The LM head on the last position only: left padding puts every row's newest token there.
     last, = op("Slice", [normed, const("last.start", np.array([-1], np.int64)),
                          const("last.end", np.array([np.iinfo(np.int64).max], np.int64)),
                          const("last.axis", np.array([1], np.int64))], ["last_position"])
     lm_head = w.get("lm_head.weight", w["wte.weight"])  # tied to the embeddings when absent
     op("MatMul", [last, const("lm_head.weight.T", lm_head.T)], ["logits"])
-    graph = helper.make_graph(nodes, GRAPH_NAME, inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                         producer_name="glowing export.decoder_graph")
-    model.ir_version = IR_VERSION
-    return model
+    return g.model(GRAPH_NAME, inputs, outputs, "glowing export.decoder_graph")
 
 
 def is_rebuilt(path: Path, name: str = GRAPH_NAME) -> bool:
